@@ -1,0 +1,1 @@
+"""The ``nbdsink`` command line: one module per group of subcommands."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up (idempotent), lint, type check, then pytest.
+# Extra arguments go to pytest (for example: scripts/test.sh tests/store -x).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo --preserve-env=NBDSINK_REQUIRE_ALL,CI "$0" "$@"
+fi
+scripts/setup.sh
+export PATH="$repo/.venv/bin:$PATH"
+echo "== ruff" && ruff check nbdsink plugins tests bench
+echo "== mypy" && mypy
+echo "== pytest"
+exec pytest -p no:cacheprovider "$@"
