@@ -1,0 +1,190 @@
+"""One NBD connection to one export, as the nbdkit plugin drives it.
+
+Plain Python with no nbdkit import, so it is unit-tested directly; the plugin only converts
+callbacks to method calls and exceptions (each carrying ``errno``) to ``nbdkit.set_error``.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from nbdsink.errors import NbdsinkError
+from nbdsink.server.exports import ExportName, parse_export_name
+from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
+from nbdsink.store.head import Head, block_is_data, read_into
+
+MAX_REQUEST = 32 << 20
+"""Largest request advertised: the Linux nbd driver and qemu-nbd both stop at 32 MiB."""
+
+MAX_EXTENT_BLOCKS = 16384
+"""At most this many blocks are examined per block-status reply (a short reply is allowed)."""
+
+EXTENT_DATA = 0
+EXTENT_HOLE_ZERO = 3  # NBD_STATE_HOLE | NBD_STATE_ZERO
+
+
+class SessionError(NbdsinkError):
+    """An error for the NBD client, with the errno it should see."""
+
+    def __init__(self, message: str, err: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class Heads:
+    """The writable head of each volume in this server process, made on first use.
+
+    Every connection to ``vol`` shares one Head, so a FLUSH on any of them commits what all of
+    them wrote (that is what makes advertising multi-conn correct).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._heads: dict[str, Head] = {}
+        self._lock = threading.Lock()
+
+    def get(self, volume: VolumeInfo) -> Head:
+        with self._lock:
+            head = self._heads.get(volume.name)
+            if head is None:
+                head = self._heads[volume.name] = Head(self.store, volume)
+            return head
+
+    def save_all(self) -> None:
+        """Push every in-memory batch into LMDB (on a clean shutdown)."""
+        with self._lock:
+            for head in self._heads.values():
+                head.save()
+
+
+def export_list(store: Store) -> list[tuple[str, str]]:
+    """(name, description) of every export: each volume's head and each committed version."""
+    out: list[tuple[str, str]] = []
+    for volume in store.volumes():
+        versions = store.versions(volume)
+        out.append((volume.name, _head_description(volume, len(versions) + 1)))
+        if versions:
+            out.append((f"{volume.name}@latest", _version_description(versions[-1])))
+        out.extend((f"{volume.name}@{v.version}", _version_description(v)) for v in versions)
+    return out
+
+
+def _head_description(volume: VolumeInfo, pending: int) -> str:
+    return (f"{volume.name}: writable head ({volume.size} bytes, block size "
+            f"{volume.block_size}); FLUSH commits version {pending}")
+
+
+def _version_description(v: VersionInfo) -> str:
+    return (f"version {v.version} of {v.volume}, committed {v.time}, consistency "
+            f"{v.consistency}, {v.blocks_changed} blocks changed, {v.bytes_stored} bytes stored")
+
+
+class Session:
+    """One connection's view of one export."""
+
+    def __init__(self, store: Store, heads: Heads, export_name: str, readonly: bool) -> None:
+        self.store = store
+        try:
+            self.name: ExportName = parse_export_name(export_name)
+            self.volume = store.volume(self.name.volume)
+        except NbdsinkError as exc:
+            raise SessionError(str(exc), errno.ENOENT) from exc
+        self.head: Head | None = None
+        self.version = 0
+        self.version_info: VersionInfo | None = None
+        if self.name.kind == "head":
+            self.head = heads.get(self.volume)
+            self.readonly = readonly
+        else:
+            self.readonly = True
+            try:
+                self.version = self._resolve_version()
+                self.version_info = store.version(self.volume, self.version)
+            except StoreError as exc:
+                raise SessionError(str(exc), errno.ENOENT) from exc
+
+    def _resolve_version(self) -> int:
+        if self.name.kind == "version":
+            return self.name.version
+        if self.name.kind == "latest":
+            latest = self.store.latest_version(self.volume)
+            if latest == 0:
+                raise UnknownVersion(f"volume {self.volume.name!r} has no committed version yet")
+            return latest
+        return self.store.version_at(self.volume, self.name.timestamp)
+
+    # -- what the handshake advertises ---------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    @property
+    def block_size(self) -> tuple[int, int, int]:
+        return (1, self.volume.block_size, MAX_REQUEST)
+
+    @property
+    def description(self) -> str:
+        if self.version_info is not None:
+            return _version_description(self.version_info)
+        assert self.head is not None
+        return _head_description(self.volume, self.head.pending_version)
+
+    # -- data path ------------------------------------------------------------------------------
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        if self.head is not None:
+            self.head.read_into(buf, offset)
+        else:
+            read_into(self.store, self.volume, self.version, buf, offset)
+
+    def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        self._writable_head().write(buf, offset)
+        if fua:
+            self.flush()
+
+    def zero(self, count: int, offset: int, fua: bool = False) -> None:
+        self._writable_head().zero(count, offset)
+        if fua:
+            self.flush()
+
+    def trim(self, count: int, offset: int, fua: bool = False) -> None:
+        # A trimmed range reads back as zeros, which NBD allows and which keeps it sparse.
+        self.zero(count, offset, fua)
+
+    def flush(self) -> VersionInfo | None:
+        """Commit what is pending as the next version (None if nothing changed)."""
+        if self.head is None:
+            return None
+        attrs = dict(self.name.attributes)
+        consistency = attrs.pop("consistency", "none")
+        return self.head.commit(consistency, attrs)
+
+    def extents(self, count: int, offset: int) -> list[tuple[int, int, int]]:
+        bs = self.volume.block_size
+        first = offset // bs
+        last = min((offset + count - 1) // bs, first + MAX_EXTENT_BLOCKS - 1)
+        n = last - first + 1
+        if self.head is not None:
+            kinds = self.head.block_is_data(first, n)
+        else:
+            kinds = block_is_data(self.store, self.volume, self.version, first, n)
+        out: list[tuple[int, int, int]] = []
+        end_limit = min(offset + count, (last + 1) * bs, self.volume.size)
+        for i, is_data in enumerate(kinds):
+            start = max((first + i) * bs, offset)
+            end = min((first + i + 1) * bs, end_limit)
+            if end <= start:
+                break
+            kind = EXTENT_DATA if is_data else EXTENT_HOLE_ZERO
+            if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + end - start, kind)
+            else:
+                out.append((start, end - start, kind))
+        return out
+
+    def _writable_head(self) -> Head:
+        if self.head is None or self.readonly:
+            raise SessionError(f"export {self.volume.name!r} is read-only here", errno.EPERM)
+        return self.head

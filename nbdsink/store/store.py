@@ -1,0 +1,511 @@
+"""The LMDB store: volumes, versions, the block map and the chunks.
+
+One LMDB environment per store directory, with named sub-databases:
+
+- ``meta``:     b"format" -> JSON header (format version); b"next_volume_id" -> counter
+- ``volumes``:  name -> JSON {id, size, block_size, created, parent}
+- ``versions``: (volume id, version) -> JSON record of a committed version
+- ``map``:      (volume id, block, ~version) -> 32-byte digest, or b"" for an all-zero block
+- ``chunks``:   digest -> header + data (see :mod:`nbdsink.store.chunks`)
+- ``pending``:  volume id -> JSON counters of the pending (uncommitted) version
+
+Reading block b of version V is one ``set_range``: the newest map entry for b at or below V.
+Writing a version costs O(blocks changed). The pending version P = latest + 1 lives in the same
+map; no committed version can see it because every committed version is < P, and the version
+record that makes P visible is written in the same transaction as its last blocks.
+
+Durability: the environment commits with MDB_NOMETASYNC (data pages are fsynced at every
+commit, the meta page is not), which keeps the database intact across a system crash at the
+cost of possibly losing the last transaction; :meth:`Store.sync` forces the meta page out, and a
+commit of a version always ends with it, so an acknowledged FLUSH is durable.
+
+Every LMDB access happens under :attr:`Store.lock`, because growing the map
+(``set_mapsize``) requires that no transaction of this process is open.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from nbdsink.store import keys
+from nbdsink.store.chunks import decode_chunk, encode_chunk
+from nbdsink.store.errors import (
+    StoreError,
+    StoreFormatError,
+    StoreFull,
+    UnknownVersion,
+    UnknownVolume,
+    VolumeExists,
+)
+
+STORE_FORMAT = 1
+DEFAULT_MAP_SIZE = 1 << 30
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 4 << 20
+MAX_VOLUME_NAME = 200
+_VOLUME_NAME_FORBIDDEN = set("@/;\0")
+
+T = TypeVar("T")
+
+
+def utc_iso(ts: float) -> str:
+    """ISO-8601 UTC with microseconds and a Z, e.g. 2026-11-23T10:00:00.123456Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume: a fixed-size block device image made of ``block_size`` blocks."""
+
+    name: str
+    id: int
+    size: int
+    block_size: int
+    created: float
+    parent: str | None = None
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + self.block_size - 1) // self.block_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "block_size": self.block_size,
+            "created": utc_iso(self.created),
+            "parent": self.parent,
+        }
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A committed version (point in time) of a volume."""
+
+    volume: str
+    version: int
+    timestamp: float
+    size: int
+    blocks_changed: int
+    bytes_stored: int
+    chunks_stored: int
+    consistency: str = "none"
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def time(self) -> str:
+        return utc_iso(self.timestamp)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "volume": self.volume,
+            "version": self.version,
+            "time": self.time,
+            "size": self.size,
+            "blocks_changed": self.blocks_changed,
+            "bytes_stored": self.bytes_stored,
+            "chunks_stored": self.chunks_stored,
+            "consistency": self.consistency,
+            "labels": dict(self.labels),
+        }
+
+
+@dataclass
+class PendingCounters:
+    """What the pending version of a volume has changed so far (persisted with its blocks)."""
+
+    version: int
+    blocks_changed: int = 0
+    bytes_stored: int = 0
+    chunks_stored: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PendingCounters:
+        return cls(**json.loads(raw))
+
+
+def validate_volume_name(name: str) -> None:
+    if not name or len(name) > MAX_VOLUME_NAME:
+        raise StoreError(f"volume name must be 1..{MAX_VOLUME_NAME} characters")
+    bad = _VOLUME_NAME_FORBIDDEN.intersection(name)
+    if bad or not name.isprintable() or name.strip() != name:
+        raise StoreError(f"volume name {name!r} may not contain '@', '/', ';' or spaces at its ends")
+
+
+def validate_block_size(block_size: int) -> None:
+    if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise StoreError(
+            f"block size {block_size} must be a power of two from 4K to 4M"
+        )
+
+
+class Store:
+    """An open store directory. Thread-safe; one per process and directory."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
+                 map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = Path(path)
+        self.lock = threading.RLock()
+        exists = (self.path / "data.mdb").exists()
+        if not exists and not create:
+            raise StoreFormatError(
+                f"no nbdsink store at {self.path} (create one with 'nbdsink volume create')"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=8, subdir=True,
+                metasync=False, sync=True, readahead=False, max_readers=512,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        self._meta = self.env.open_db(b"meta")
+        self._volumes = self.env.open_db(b"volumes")
+        self._versions = self.env.open_db(b"versions")
+        self._map = self.env.open_db(b"map")
+        self._chunks = self.env.open_db(b"chunks")
+        self._pending = self.env.open_db(b"pending")
+        self._check_format(create)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def _check_format(self, create: bool) -> None:
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"format", db=self._meta)
+            if raw is None:
+                if txn.stat(self._volumes)["entries"] or not create:
+                    raise StoreFormatError(f"{self.path} holds an LMDB file without an nbdsink header")
+                header = {"format": STORE_FORMAT, "created": utc_iso(time.time())}
+                txn.put(b"format", json.dumps(header).encode(), db=self._meta)
+                return
+        try:
+            fmt = json.loads(raw)["format"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreFormatError(f"{self.path}: unreadable store header") from exc
+        if fmt != STORE_FORMAT:
+            raise StoreFormatError(
+                f"store at {self.path} has format {fmt}; this nbdsink reads format {STORE_FORMAT}"
+            )
+
+    def close(self) -> None:
+        with self.lock:
+            self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sync(self) -> None:
+        """Force everything committed so far (meta page included) to stable storage."""
+        with self.lock:
+            try:
+                self.env.sync(True)
+            except lmdb.Error as exc:
+                raise _translate(exc) from exc
+
+    # -- transactions ---------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn`` in one write transaction, growing the map and retrying when it is full.
+
+        A full disk (or a map that cannot grow) aborts the transaction and raises StoreFull;
+        everything committed before stays as it was.
+        """
+        with self.lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapFullError:
+                    self._grow_map()
+                except lmdb.Error as exc:
+                    raise _translate(exc) from exc
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        with self.lock, self.env.begin(buffers=True) as txn:
+            return fn(txn)
+
+    def _grow_map(self) -> None:
+        current = self.env.info()["map_size"]
+        st = os.statvfs(self.path)
+        free = st.f_bavail * st.f_frsize
+        used = (self.path / "data.mdb").stat().st_size
+        # Growing only changes the address space LMDB may use; the file grows as pages are
+        # written. Still cap at what the disk can hold, so a full disk reads as ENOSPC here
+        # rather than as a SIGBUS or a surprise later.
+        target = min(current * 2, used + free - (16 << 20))
+        if target <= current:
+            raise StoreFull(
+                f"store at {self.path} is full: {free >> 20} MiB free on disk, "
+                f"map at {current >> 20} MiB"
+            )
+        self.env.set_mapsize(target)
+
+    # -- volumes --------------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size: int, block_size: int = 65536,
+                      parent: str | None = None) -> VolumeInfo:
+        validate_volume_name(name)
+        validate_block_size(block_size)
+        if size <= 0 or size % 512:
+            raise StoreError(f"volume size {size} must be a positive multiple of 512 bytes")
+
+        def create(txn: lmdb.Transaction) -> VolumeInfo:
+            if txn.get(name.encode(), db=self._volumes) is not None:
+                raise VolumeExists(f"volume {name!r} already exists")
+            raw_id = txn.get(b"next_volume_id", db=self._meta)
+            vid = int(raw_id) if raw_id else 1
+            txn.put(b"next_volume_id", str(vid + 1).encode(), db=self._meta)
+            info = VolumeInfo(name, vid, size, block_size, time.time(), parent)
+            record = {"id": vid, "size": size, "block_size": block_size,
+                      "created": info.created, "parent": parent}
+            txn.put(name.encode(), json.dumps(record).encode(), db=self._volumes)
+            return info
+
+        info = self.write(create)
+        self.sync()
+        return info
+
+    def volume(self, name: str) -> VolumeInfo:
+        raw = self.read(lambda txn: _bytes(txn.get(name.encode(), db=self._volumes)))
+        if raw is None:
+            raise UnknownVolume(f"no volume named {name!r}")
+        return _volume_from(name, raw)
+
+    def volumes(self) -> list[VolumeInfo]:
+        def scan(txn: lmdb.Transaction) -> list[VolumeInfo]:
+            return [_volume_from(bytes(k).decode(), bytes(v))
+                    for k, v in txn.cursor(db=self._volumes)]
+        return self.read(scan)
+
+    # -- versions -------------------------------------------------------------------------------
+
+    def latest_version(self, volume: VolumeInfo) -> int:
+        """The newest committed version number, 0 when nothing was committed yet."""
+        return self.read(lambda txn: self._latest(txn, volume.id))
+
+    def _latest(self, txn: lmdb.Transaction, vid: int) -> int:
+        cur = txn.cursor(db=self._versions)
+        if cur.set_range(keys.version_key(vid + 1, 0)):
+            if not cur.prev():
+                return 0
+        elif not cur.last():
+            return 0
+        key_vid, version = keys.unpack_version_key(bytes(cur.key()))
+        return version if key_vid == vid else 0
+
+    def version(self, volume: VolumeInfo, version: int) -> VersionInfo:
+        raw = self.read(lambda txn: _bytes(txn.get(keys.version_key(volume.id, version),
+                                                   db=self._versions)))
+        if raw is None:
+            raise UnknownVersion(f"volume {volume.name!r} has no version {version}")
+        return _version_from(volume.name, raw)
+
+    def versions(self, volume: VolumeInfo) -> list[VersionInfo]:
+        def scan(txn: lmdb.Transaction) -> list[VersionInfo]:
+            out: list[VersionInfo] = []
+            cur = txn.cursor(db=self._versions)
+            if not cur.set_range(keys.version_key(volume.id, 0)):
+                return out
+            for k, v in cur:
+                if keys.unpack_version_key(bytes(k))[0] != volume.id:
+                    break
+                out.append(_version_from(volume.name, bytes(v)))
+            return out
+        return self.read(scan)
+
+    def version_at(self, volume: VolumeInfo, timestamp: float) -> int:
+        """The newest version committed at or before ``timestamp`` (binary search: versions
+        are numbered 1..latest without gaps and their times never go backwards)."""
+        def search(txn: lmdb.Transaction) -> int:
+            lo, hi = 0, self._latest(txn, volume.id)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                raw = txn.get(keys.version_key(volume.id, mid), db=self._versions)
+                if raw is not None and json.loads(bytes(raw))["timestamp"] <= timestamp:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
+        found = self.read(search)
+        if found == 0:
+            raise UnknownVersion(
+                f"volume {volume.name!r} has no version committed at or before {utc_iso(timestamp)}"
+            )
+        return found
+
+    # -- blocks ---------------------------------------------------------------------------------
+
+    def block_digests(self, txn: lmdb.Transaction, volume: VolumeInfo, version: int,
+                      first: int, count: int) -> Iterator[tuple[int, bytes | None]]:
+        """Yield (block, digest or None for zero) for blocks first..first+count-1 at ``version``.
+
+        Walks the map with at most two seeks per block that has entries, and none for the
+        runs of blocks that were never written, so it stays cheap on large sparse volumes.
+        """
+        cur = txn.cursor(db=self._map)
+        vid = volume.id
+        block = first
+        end = first + count
+        while block < end:
+            if not cur.set_range(keys.map_key(vid, block, version)):
+                break
+            key_vid, key_block, _ = keys.unpack_map_key(bytes(cur.key()))
+            if key_vid != vid:
+                break
+            if key_block == block:
+                # The newest entry for this block at or below `version`.
+                value = cur.value()
+                yield block, (bytes(value) if len(value) else None)
+                block += 1
+                continue
+            # Blocks block..key_block-1 have no entry at or below `version`: zeros.
+            stop = min(key_block, end)
+            for zero_block in range(block, stop):
+                yield zero_block, None
+            # The next turn seeks key_block itself at `version` (the entry we landed on may
+            # be newer than `version`).
+            block = stop
+        for zero_block in range(block, end):
+            yield zero_block, None
+
+    def get_chunk(self, txn: lmdb.Transaction, digest: bytes) -> memoryview:
+        stored = txn.get(digest, db=self._chunks)
+        if stored is None:
+            raise StoreError(f"store is missing chunk {digest.hex()}")
+        return decode_chunk(stored)
+
+    # The pending-version primitives below are used by nbdsink.store.head.Head inside one
+    # write transaction. They are here because they know the key layout.
+
+    def pending_counters(self, txn: lmdb.Transaction, volume: VolumeInfo) -> PendingCounters:
+        latest = self._latest(txn, volume.id)
+        raw = txn.get(keys.volume_id_key(volume.id), db=self._pending)
+        if raw is not None:
+            counters = PendingCounters.decode(bytes(raw))
+            if counters.version == latest + 1:
+                return counters
+        return PendingCounters(version=latest + 1)
+
+    def put_pending_counters(self, txn: lmdb.Transaction, volume: VolumeInfo,
+                             counters: PendingCounters) -> None:
+        txn.put(keys.volume_id_key(volume.id), counters.encode(), db=self._pending)
+
+    def stage_block(self, txn: lmdb.Transaction, volume: VolumeInfo,
+                    counters: PendingCounters, block: int, digest: bytes | None,
+                    data: bytes | memoryview | None) -> None:
+        """Set ``block`` of the pending version to ``digest`` (None: all zeros).
+
+        A block set back to what the previous version holds leaves no entry, so a version
+        records exactly the blocks that differ from its predecessor.
+        """
+        pending = counters.version
+        pending_key = keys.map_key(volume.id, block, pending)
+        previous = self._digest_at(txn, volume, block, pending - 1)
+        had_pending = txn.get(pending_key, db=self._map) is not None
+        if digest == previous:
+            if had_pending:
+                txn.delete(pending_key, db=self._map)
+                counters.blocks_changed -= 1
+            return
+        if digest is not None:
+            assert data is not None
+            if txn.put(digest, encode_chunk(data), db=self._chunks, overwrite=False):
+                counters.bytes_stored += len(data)
+                counters.chunks_stored += 1
+        txn.put(pending_key, digest or b"", db=self._map)
+        if not had_pending:
+            counters.blocks_changed += 1
+
+    def _digest_at(self, txn: lmdb.Transaction, volume: VolumeInfo, block: int,
+                   version: int) -> bytes | None:
+        if version <= 0:
+            return None
+        cur = txn.cursor(db=self._map)
+        if not cur.set_range(keys.map_key(volume.id, block, version)):
+            return None
+        key = bytes(cur.key())
+        if key[: keys.BLOCK_PREFIX_SIZE] != keys.map_key(volume.id, block, 0)[: keys.BLOCK_PREFIX_SIZE]:
+            return None
+        value = cur.value()
+        return bytes(value) if len(value) else None
+
+    def commit_pending(self, txn: lmdb.Transaction, volume: VolumeInfo,
+                       counters: PendingCounters, consistency: str,
+                       labels: dict[str, str]) -> VersionInfo | None:
+        """Make the pending version visible (same transaction as its last blocks)."""
+        if counters.blocks_changed == 0:
+            txn.delete(keys.volume_id_key(volume.id), db=self._pending)
+            return None
+        previous = txn.get(keys.version_key(volume.id, counters.version - 1), db=self._versions)
+        now = time.time()
+        if previous is not None:
+            # Commit times never go backwards, so time lookups can binary-search.
+            now = max(now, json.loads(bytes(previous))["timestamp"])
+        info = VersionInfo(
+            volume=volume.name, version=counters.version, timestamp=now, size=volume.size,
+            blocks_changed=counters.blocks_changed, bytes_stored=counters.bytes_stored,
+            chunks_stored=counters.chunks_stored, consistency=consistency, labels=labels,
+        )
+        record = info.to_json()
+        record["timestamp"] = now
+        del record["volume"]
+        txn.put(keys.version_key(volume.id, counters.version), json.dumps(record).encode(),
+                db=self._versions)
+        txn.delete(keys.volume_id_key(volume.id), db=self._pending)
+        return info
+
+    def stats(self) -> dict[str, int]:
+        """Entry counts and sizes, for tests and ``nbdsink store-info``."""
+        def gather(txn: lmdb.Transaction) -> dict[str, int]:
+            chunk_stat = txn.stat(self._chunks)
+            return {
+                "chunks": chunk_stat["entries"],
+                "map_entries": txn.stat(self._map)["entries"],
+                "versions": txn.stat(self._versions)["entries"],
+                "volumes": txn.stat(self._volumes)["entries"],
+            }
+        return self.read(gather)
+
+
+def _bytes(value: object) -> bytes | None:
+    return None if value is None else bytes(value)  # type: ignore[call-overload]
+
+
+def _volume_from(name: str, raw: bytes) -> VolumeInfo:
+    rec = json.loads(raw)
+    return VolumeInfo(name, rec["id"], rec["size"], rec["block_size"], rec["created"],
+                      rec.get("parent"))
+
+
+def _version_from(volume: str, raw: bytes) -> VersionInfo:
+    rec = json.loads(raw)
+    return VersionInfo(
+        volume=volume, version=rec["version"], timestamp=rec["timestamp"], size=rec["size"],
+        blocks_changed=rec["blocks_changed"], bytes_stored=rec["bytes_stored"],
+        chunks_stored=rec["chunks_stored"], consistency=rec.get("consistency", "none"),
+        labels=rec.get("labels", {}),
+    )
+
+
+def _translate(exc: lmdb.Error) -> StoreError:
+    text = str(exc)
+    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+        return StoreFull(f"disk full: {text}")
+    return StoreError(f"LMDB error: {text}")

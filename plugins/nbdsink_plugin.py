@@ -1,0 +1,212 @@
+"""nbdkit plugin for nbdsink: an adapter from nbdkit callbacks to nbdsink.server.session.
+
+    nbdkit python plugins/nbdsink_plugin.py store=/var/lib/nbdsink
+
+(``nbdsink serve`` runs exactly that.) All logic lives in the ``nbdsink`` package. nbdkit adds
+neither this folder nor a virtualenv to ``sys.path``, so the package's location comes from
+NBDSINK_SITE_DIRS (set by ``nbdsink serve``) or, failing that, from this file's own place in
+a source checkout (its parent folder and its ``.venv``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import site
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbdkit
+
+
+def _add_site_dirs() -> None:
+    dirs = [d for d in os.environ.get("NBDSINK_SITE_DIRS", "").split(os.pathsep) if d]
+    repo = Path(__file__).resolve().parent.parent
+    dirs += [str(repo), *map(str, repo.glob(".venv/lib/python3*/site-packages"))]
+    for d in dirs:
+        if d not in sys.path and os.path.isdir(d):
+            site.addsitedir(d)
+
+
+_add_site_dirs()
+
+from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
+from nbdsink.store import Store  # noqa: E402
+
+API_VERSION = 2
+
+_config: dict[str, str] = {}
+_store: Store | None = None
+_heads: Heads | None = None
+_lock_fd: int | None = None
+
+
+class PluginError(Exception):
+    """What the plugin raises to nbdkit: only the message, without the traceback that nbdkit
+    would otherwise log for every expected error (an unknown export, a full disk)."""
+
+
+def _fail(exc: BaseException) -> None:
+    """Report an exception to the client with its errno (EIO when it carries none)."""
+    nbdkit.set_error(getattr(exc, "errno", None) or errno.EIO)
+    raise PluginError(f"{type(exc).__name__}: {exc}").with_traceback(None) from None
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+def config(key: str, value: str) -> None:
+    if key not in ("store", "map_size"):
+        raise RuntimeError(f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE]")
+    _config[key] = value
+
+
+def config_complete() -> None:
+    if "store" not in _config:
+        raise RuntimeError("missing store=DIR")
+
+
+def after_fork() -> None:
+    # LMDB must not be opened before nbdkit forks into the background, so open here.
+    global _store, _heads, _lock_fd
+    path = Path(_config["store"])
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"another nbdsink server is serving {path}") from None
+    _lock_fd = fd
+    kwargs: dict[str, Any] = {}
+    if "map_size" in _config:
+        kwargs["map_size"] = int(nbdkit.parse_size(_config["map_size"]))
+    _store = Store(path, create=True, **kwargs)
+    _heads = Heads(_store)
+
+
+def cleanup() -> None:
+    if _heads is not None:
+        _heads.save_all()
+    if _store is not None:
+        _store.close()
+
+
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    assert _store is not None
+    return export_list(_store)
+
+
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return ""
+
+
+def open(readonly: bool) -> Session:  # nbdkit's callback name shadows the builtin
+    assert _store is not None and _heads is not None
+    name = nbdkit.export_name()
+    try:
+        return Session(_store, _heads, name, readonly)
+    except Exception as exc:
+        nbdkit.debug(f"open {name!r}: {exc}")
+        _fail(exc)
+        raise
+
+
+def export_description(h: Session) -> str:
+    return h.description
+
+
+def get_size(h: Session) -> int:
+    return h.size
+
+
+def block_size(h: Session) -> tuple[int, int, int]:
+    return h.block_size
+
+
+def can_write(h: Session) -> bool:
+    return not h.readonly
+
+
+def can_flush(h: Session) -> bool:
+    return True
+
+
+def can_trim(h: Session) -> bool:
+    return not h.readonly
+
+
+def can_zero(h: Session) -> bool:
+    return not h.readonly
+
+
+def can_fast_zero(h: Session) -> bool:
+    return not h.readonly
+
+
+def can_fua(h: Session) -> int:
+    return int(nbdkit.FUA_NATIVE) if not h.readonly else int(nbdkit.FUA_NONE)
+
+
+def can_multi_conn(h: Session) -> bool:
+    return True
+
+
+def can_extents(h: Session) -> bool:
+    return True
+
+
+def can_cache(h: Session) -> int:
+    return int(nbdkit.CACHE_EMULATE)
+
+
+def is_rotational(h: Session) -> bool:
+    return False
+
+
+def pread(h: Session, buf: memoryview, offset: int, flags: int) -> None:
+    try:
+        h.pread(memoryview(buf), offset)
+    except Exception as exc:
+        _fail(exc)
+
+
+def pwrite(h: Session, buf: memoryview, offset: int, flags: int) -> None:
+    # buf is a view of nbdkit's own buffer, valid only during this call: Head.write copies.
+    try:
+        h.pwrite(memoryview(buf), offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _fail(exc)
+
+
+def zero(h: Session, count: int, offset: int, flags: int) -> None:
+    try:
+        h.zero(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _fail(exc)
+
+
+def trim(h: Session, count: int, offset: int, flags: int) -> None:
+    try:
+        h.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
+    except Exception as exc:
+        _fail(exc)
+
+
+def flush(h: Session, flags: int) -> None:
+    try:
+        info = h.flush()
+        if info is not None:
+            nbdkit.debug(f"committed {info.volume}@{info.version}")
+    except Exception as exc:
+        _fail(exc)
+
+
+def extents(h: Session, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    try:
+        return h.extents(count, offset)
+    except Exception as exc:
+        _fail(exc)
+        raise
