@@ -1,0 +1,246 @@
+"""Moving chunks from the device to the remote: read, classify, a window of requests in flight.
+
+One producer reads the device in large pieces (O_DIRECT, in a worker thread under a
+:class:`trio.CapacityLimiter`), splits each piece into zero and data runs, and puts the
+resulting requests on a bounded channel; ``window`` writer tasks take them off and issue
+them concurrently on the NBD connection. The channel bound and the window bound the memory
+in use (about ``2 * window * max_request`` bytes) whatever the size of the work.
+
+In *compare* mode (the first sync against a remote that may already hold data, or a resync
+after the tracker lost track) each piece is compared with the remote first: chunks the
+remote already holds (equal blake3 digests, or zero on both sides) are not sent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import blake3
+import trio
+
+from nbdsink.sender.device import Device
+from nbdsink.sender.plan import Extent, Op, Write, Zero, ZeroMerger, ops_for_buffer, split
+from nbdsink.sender.progress import Progress
+from nbdsink.sender.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+# A request header costs about this much on the wire; WRITE_ZEROES is charged only that.
+REQUEST_OVERHEAD = 28
+
+
+class Sink(Protocol):
+    """Where requests go: the remote head (or anything with the same two calls)."""
+
+    async def pwrite(self, data: bytes, offset: int) -> None: ...
+
+    async def zero(self, length: int, offset: int) -> None: ...
+
+
+class RemoteView(Protocol):
+    """What compare mode needs to know about the remote's current content."""
+
+    async def zero_extents(self) -> list[Extent]:
+        """Every range the remote reports as reading zeros (holes or zero extents)."""
+        ...
+
+    async def pread(self, length: int, offset: int) -> bytes: ...
+
+
+@dataclass
+class TransferStats:
+    """What one transfer did."""
+
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = 0
+    requests: int = 0
+
+    def add(self, other: TransferStats) -> None:
+        self.bytes_written += other.bytes_written
+        self.bytes_zeroed += other.bytes_zeroed
+        self.bytes_skipped += other.bytes_skipped
+        self.requests += other.requests
+
+
+@dataclass
+class TransferConfig:
+    chunk_size: int
+    max_request: int = 4 << 20
+    """Largest WRITE; a multiple of the chunk size, within the remote's maximum."""
+    max_zero: int = 1 << 30
+    window: int = 8
+    """Requests in flight at once."""
+    read_threads: int = 2
+
+
+class ZeroMap:
+    """The remote's zero ranges, for O(log n) "is this range all zero remotely?" questions."""
+
+    def __init__(self, extents: Sequence[Extent]) -> None:
+        self._starts = [o for o, _ in extents]
+        self._ends = [o + n for o, n in extents]
+
+    def covers(self, offset: int, length: int) -> bool:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return i >= 0 and self._ends[i] >= offset + length
+
+
+class Transfer:
+    """Sends extents of a device to a sink; see the module docstring."""
+
+    def __init__(
+        self,
+        device: Device,
+        sink: Sink,
+        config: TransferConfig,
+        *,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.device = device
+        self.sink = sink
+        self.config = config
+        self.limiter = limiter or RateLimiter(0)
+        self._read_limiter = trio.CapacityLimiter(config.read_threads)
+
+    async def read(self, length: int, offset: int) -> bytes:
+        return await trio.to_thread.run_sync(
+            self.device.pread, length, offset, limiter=self._read_limiter
+        )
+
+    # -- producing requests -------------------------------------------------------------
+
+    async def ops(
+        self,
+        extents: Iterable[Extent],
+        *,
+        remote: RemoteView | None = None,
+        on_skip: Callable[[int], None] | None = None,
+        stats: TransferStats | None = None,
+    ) -> AsyncIterator[Op]:
+        """The requests that make the remote equal the device over ``extents``."""
+        cs = self.config.chunk_size
+        merger = ZeroMerger(self.config.max_zero)
+        zeros = ZeroMap(await remote.zero_extents()) if remote is not None else None
+        for off, length in split(extents, self.config.max_request):
+            buf = await self.read(length, off)
+            if remote is None or zeros is None:
+                produced = list(ops_for_buffer(off, buf, cs))
+            else:
+                produced, skipped = await self._compare(off, buf, remote, zeros)
+                if skipped:
+                    if stats is not None:
+                        stats.bytes_skipped += skipped
+                    if on_skip is not None:
+                        on_skip(skipped)
+            for op in produced:
+                for ready in merger.push(op):
+                    yield ready
+        for ready in merger.flush():
+            yield ready
+
+    async def _compare(
+        self, off: int, buf: bytes, remote: RemoteView, zeros: ZeroMap
+    ) -> tuple[list[Op], int]:
+        """Requests for the chunks of ``buf`` the remote does not already hold; bytes skipped."""
+        cs = self.config.chunk_size
+        if zeros.covers(off, len(buf)):
+            # The remote reads zeros here: only local data needs sending.
+            writes: list[Op] = [op for op in ops_for_buffer(off, buf, cs) if isinstance(op, Write)]
+            return writes, len(buf) - sum(op.length for op in writes)
+        theirs = await remote.pread(len(buf), off)
+        out: list[Op] = []
+        skipped = 0
+        run_start: int | None = None
+
+        def close_run(end: int) -> None:
+            nonlocal run_start
+            if run_start is not None:
+                out.extend(ops_for_buffer(off + run_start, buf[run_start:end], cs))
+                run_start = None
+
+        for pos in range(0, len(buf), cs):
+            mine_chunk = buf[pos : pos + cs]
+            if blake3.blake3(mine_chunk).digest() == blake3.blake3(theirs[pos : pos + cs]).digest():
+                close_run(pos)
+                skipped += len(mine_chunk)
+            elif run_start is None:
+                run_start = pos
+        close_run(len(buf))
+        return out, skipped
+
+    # -- sending requests ----------------------------------------------------------------
+
+    async def send(
+        self,
+        extents: Iterable[Extent],
+        *,
+        remote: RemoteView | None = None,
+        progress: Progress | None = None,
+    ) -> TransferStats:
+        """Stream ``extents`` to the sink with ``window`` requests in flight."""
+        stats = TransferStats()
+        on_skip = progress.advance if progress is not None else None
+        send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.config.window):
+                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
+            await recv_ch.aclose()
+            async with send_ch:
+                async for op in self.ops(extents, remote=remote, on_skip=on_skip, stats=stats):
+                    await send_ch.send(op)
+        return stats
+
+    async def push(self, ops: Sequence[Op], *, progress: Progress | None = None) -> TransferStats:
+        """Send requests already in memory (the remainder read during a freeze)."""
+        stats = TransferStats()
+        send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.config.window):
+                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
+            await recv_ch.aclose()
+            async with send_ch:
+                for op in ops:
+                    await send_ch.send(op)
+        return stats
+
+    async def _writer(
+        self,
+        recv_ch: trio.MemoryReceiveChannel[Op],
+        stats: TransferStats,
+        progress: Progress | None,
+    ) -> None:
+        async with recv_ch:
+            async for op in recv_ch:
+                if isinstance(op, Write):
+                    await self.limiter.acquire(op.length + REQUEST_OVERHEAD)
+                    await self.sink.pwrite(op.data, op.offset)
+                    stats.bytes_written += op.length
+                else:
+                    await self.limiter.acquire(REQUEST_OVERHEAD)
+                    await self.sink.zero(op.length, op.offset)
+                    stats.bytes_zeroed += op.length
+                stats.requests += 1
+                if progress is not None:
+                    progress.advance(op.length)
+
+
+async def collect(transfer: Transfer, extents: Iterable[Extent]) -> list[Op]:
+    """Read ``extents`` into memory as requests (used while a filesystem is frozen)."""
+    return [op async for op in transfer.ops(extents)]
+
+
+__all__ = [
+    "RemoteView",
+    "Sink",
+    "Transfer",
+    "TransferConfig",
+    "TransferStats",
+    "Write",
+    "Zero",
+    "collect",
+]

@@ -1,0 +1,1 @@
+"""Fixtures for the sender's tests."""
