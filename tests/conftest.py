@@ -7,6 +7,7 @@ CI must run every test that needs root, loop devices, eBPF or the VM, never skip
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Generator
 
 import pytest
@@ -24,3 +25,9 @@ def pytest_runtest_makereport(
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped with NBDSINK_REQUIRE_ALL=1 (every test must run): {reason}"
+
+
+# Debian's libnbd bindings (python3-libnbd) live outside the virtualenv; appended last so
+# nothing in the venv is shadowed.
+if "/usr/lib/python3/dist-packages" not in sys.path:
+    sys.path.append("/usr/lib/python3/dist-packages")

@@ -333,12 +333,16 @@ class Store:
     def version_at(self, volume: VolumeInfo, timestamp: float) -> int:
         """The newest version committed at or before ``timestamp`` (binary search: versions
         are numbered 1..latest without gaps and their times never go backwards)."""
+        # Compare whole microseconds: the ISO text has that resolution, and float sums would
+        # otherwise put an exact match a rounding error away.
+        limit = round(timestamp * 1e6)
+
         def search(txn: lmdb.Transaction) -> int:
             lo, hi = 0, self._latest(txn, volume.id)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 raw = txn.get(keys.version_key(volume.id, mid), db=self._versions)
-                if raw is not None and json.loads(bytes(raw))["timestamp"] <= timestamp:
+                if raw is not None and round(json.loads(bytes(raw))["timestamp"] * 1e6) <= limit:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -454,7 +458,8 @@ class Store:
             txn.delete(keys.volume_id_key(volume.id), db=self._pending)
             return None
         previous = txn.get(keys.version_key(volume.id, counters.version - 1), db=self._versions)
-        now = time.time()
+        # Microsecond resolution, as the ISO time users see and type has.
+        now = round(time.time(), 6)
         if previous is not None:
             # Commit times never go backwards, so time lookups can binary-search.
             now = max(now, json.loads(bytes(previous))["timestamp"])
