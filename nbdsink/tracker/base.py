@@ -14,11 +14,13 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from nbdsink.errors import NbdsinkError
+
 Extent = tuple[int, int]
 """(offset, length) in bytes."""
 
 
-class TrackerError(Exception):
+class TrackerError(NbdsinkError):
     """A tracker could not start, checkpoint or stop; the message says why."""
 
 

@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+/*
+ * nbdsink change tracker: marks, per generation, every chunk of one block device that a
+ * completed write, discard or write-zeroes touched.
+ *
+ * One instance of this object is loaded per tracked device (its maps are sized for that
+ * device at load time) and pinned under /sys/fs/bpf/nbdsink/<device>/ by the loader.
+ *
+ * Lossless by construction: dirty chunks are bits in array maps, set with atomic OR. There is
+ * no event stream that could fill up and drop. There are two bitmaps; the open generation
+ * number "seq" selects one (seq & 1). A checkpoint (userspace) increments seq through the
+ * "flip" program below, then waits until no program run can still be marking the old bitmap,
+ * then reads and clears it.
+ *
+ * Why a global "active" counter and not something else: a run increments ctl->active, then
+ * reads seq, marks, and decrements ctl->active, all with fully ordered atomics. If userspace
+ * observes active == 0 at any instant after its (atomic) flip, every run that read the old seq
+ * has finished: such a run incremented active before the flip and had not decremented it yet
+ * when the flip happened, so active was non-zero from then until it finished. Runs starting
+ * after the flip read the new seq. The counter costs two atomics per completed request on one
+ * cache line, which is negligible next to the I/O itself, and needs no spin lock (not
+ * available to tracing programs) and no per-CPU snapshot logic.
+ *
+ * Hooks:
+ *  - tp_btf/block_rq_complete: request-based devices (loop, virtio, nvme, scsi). It fires in
+ *    blk_update_request() before the request is advanced, for every completed part, with or
+ *    without an error (a failed write may still have changed data: it is counted).
+ *  - tp_btf/block_bio_queue + tp_btf/block_bio_complete: bio-based devices (device-mapper,
+ *    md, zram). At completion a driver may already have advanced bio->bi_iter (size 0), so the
+ *    range is remembered at queue time in a hash table keyed by the bio; if that table was full
+ *    and the completed bio's own range is gone, the whole device is marked dirty (over-report,
+ *    never lose).
+ * The loader attaches only the hooks matching the device type.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "nbdsink_tracker.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define NBDSINK_REQ_OP_MASK 0xffU
+#define NBDSINK_REQ_PREFLUSH (1U << 18)
+/* bpf_loop() accepts at most this many iterations. */
+#define NBDSINK_MAX_LOOP (1U << 23)
+
+const volatile struct nbdsink_cfg cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nbdsink_ctl);
+} ctl SEC(".maps");
+
+/* Two bitmaps of cfg.words u64 each: bit c of bitmap g = chunk c written in generation g. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2); /* resized by the loader to 2 * cfg.words */
+	__type(key, __u32);
+	__type(value, __u64);
+} bits SEC(".maps");
+
+/* Two summaries of cfg.swords u64 each: bit w = bitmap word w is non-zero, so that reading a
+ * generation costs O(changed) rather than O(device) for large devices. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2); /* resized by the loader to 2 * cfg.swords */
+	__type(key, __u32);
+	__type(value, __u64);
+} summ SEC(".maps");
+
+struct bio_range {
+	__u64 sector;
+	__u64 nr_sects;
+};
+
+/* Bio-based devices only: the range of each in-flight write bio, recorded at queue time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct bio_range);
+} inflight SEC(".maps");
+
+static __always_inline void set_word(__u32 base, __u32 sbase, __u64 w, __u64 mask)
+{
+	__u32 key = base + (__u32)w;
+	__u64 *p = bpf_map_lookup_elem(&bits, &key);
+
+	if (!p)
+		return;
+	/* Skip the atomic when the bits are already set: hot chunks are written over and over,
+	 * and a plain read keeps their cache line shared. */
+	if ((*p & mask) != mask)
+		__sync_fetch_and_or(p, mask);
+	key = sbase + (__u32)(w >> 6);
+	p = bpf_map_lookup_elem(&summ, &key);
+	if (p && !(*p & (1ULL << (w & 63))))
+		__sync_fetch_and_or(p, 1ULL << (w & 63));
+}
+
+static __always_inline __u64 word_mask(__u64 w, __u64 c0, __u64 c1)
+{
+	__u64 lo = (w == (c0 >> 6)) ? (c0 & 63) : 0;
+	__u64 hi = (w == (c1 >> 6)) ? (c1 & 63) : 63;
+
+	return (~0ULL >> (63 - hi)) & (~0ULL << lo);
+}
+
+struct loop_ctx {
+	__u32 base;
+	__u32 sbase;
+	__u64 c0;
+	__u64 c1;
+};
+
+static long mark_word_cb(__u32 i, void *data)
+{
+	struct loop_ctx *lc = data;
+	__u64 w = (lc->c0 >> 6) + i;
+
+	set_word(lc->base, lc->sbase, w, word_mask(w, lc->c0, lc->c1));
+	return 0;
+}
+
+/* Mark sectors [sector, sector + nr) of the disk in the open generation. */
+static __always_inline void mark(__u64 sector, __u64 nr)
+{
+	__u64 start = cfg.start_sect, end = cfg.start_sect + cfg.nr_sects;
+	__u64 s = sector, e = sector + nr;
+	__u32 zero = 0;
+	struct nbdsink_ctl *c;
+	struct loop_ctx lc;
+	__u64 idx, nwords;
+
+	if (nr == 0 || e <= start || s >= end)
+		return;
+	if (s < start)
+		s = start;
+	if (e > end)
+		e = end;
+	c = bpf_map_lookup_elem(&ctl, &zero);
+	if (!c)
+		return;
+	lc.c0 = (s - start) >> cfg.chunk_shift;
+	lc.c1 = (e - 1 - start) >> cfg.chunk_shift;
+
+	/* The fetch variants are fully ordered atomics (see the comment at the top). */
+	if (__sync_fetch_and_add(&c->active, 1) == ~0ULL)
+		return;
+	idx = *(volatile __u64 *)&c->seq & 1;
+	lc.base = (__u32)(idx * cfg.words);
+	lc.sbase = (__u32)(idx * cfg.swords);
+	nwords = (lc.c1 >> 6) - (lc.c0 >> 6) + 1;
+	if (nwords == 1) {
+		set_word(lc.base, lc.sbase, lc.c0 >> 6, word_mask(lc.c0 >> 6, lc.c0, lc.c1));
+	} else if (nwords <= NBDSINK_MAX_LOOP) {
+		bpf_loop((__u32)nwords, mark_word_cb, &lc, 0);
+	} else {
+		/* A single request larger than bpf_loop can walk: everything is dirty. */
+		if (idx == 0)
+			__sync_fetch_and_or(&c->overflow[0], 1);
+		else
+			__sync_fetch_and_or(&c->overflow[1], 1);
+	}
+	__sync_fetch_and_sub(&c->active, 1);
+}
+
+static __always_inline void mark_all(void)
+{
+	mark(cfg.start_sect, cfg.nr_sects);
+}
+
+static __always_inline bool is_ours(struct gendisk *disk)
+{
+	return disk && disk->major == cfg.major && disk->first_minor == cfg.first_minor;
+}
+
+/* Data-changing operations (write, discard, secure erase, write zeroes, zone append/reset)
+ * have odd numbers (op_is_write()); reads and pure flushes are even. */
+static __always_inline bool changes_data(__u32 opf)
+{
+	return (opf & NBDSINK_REQ_OP_MASK) & 1;
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(on_rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	if (!is_ours(rq->q->disk) || !changes_data(rq->cmd_flags))
+		return 0;
+	mark(rq->__sector, ((__u64)nr_bytes + 511) >> 9);
+	return 0;
+}
+
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(on_bio_queue, struct bio *bio)
+{
+	struct bio_range r;
+	__u64 key = (__u64)bio;
+
+	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
+		return 0;
+	/* Partitions were remapped before this tracepoint: the sector is the disk's. Empty
+	 * flushes are recorded too, so that their completion is recognised. */
+	r.sector = bio->bi_iter.bi_sector;
+	r.nr_sects = ((__u64)bio->bi_iter.bi_size + 511) >> 9;
+	if (bpf_map_update_elem(&inflight, &key, &r, BPF_ANY)) {
+		__u32 zero = 0;
+		struct nbdsink_ctl *c = bpf_map_lookup_elem(&ctl, &zero);
+
+		if (c)
+			__sync_fetch_and_add(&c->bio_lost, 1);
+	}
+	return 0;
+}
+
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(on_bio_complete, struct request_queue *q, struct bio *bio)
+{
+	__u64 key = (__u64)bio;
+	struct bio_range *r;
+	__u32 size;
+
+	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
+		return 0;
+	size = bio->bi_iter.bi_size;
+	r = bpf_map_lookup_elem(&inflight, &key);
+	if (r) {
+		mark(r->sector, r->nr_sects);
+		bpf_map_delete_elem(&inflight, &key);
+	} else if (size == 0 && !(bio->bi_opf & NBDSINK_REQ_PREFLUSH)) {
+		/* Queued before tracking started or while the table was full, and already
+		 * advanced by the driver: its range is unknown. */
+		mark_all();
+	}
+	if (size)
+		mark(bio->bi_iter.bi_sector, ((__u64)size + 511) >> 9);
+	return 0;
+}
+
+/* Run by the loader (BPF_PROG_TEST_RUN) to open the next generation. Doing the increment
+ * here, as an atomic in the kernel, orders it before the loader's later reads of "active". */
+SEC("syscall")
+int flip(void *ctx)
+{
+	__u32 zero = 0;
+	struct nbdsink_ctl *c = bpf_map_lookup_elem(&ctl, &zero);
+
+	if (!c)
+		return -1;
+	return (int)__sync_fetch_and_add(&c->seq, 1);
+}

@@ -1,0 +1,25 @@
+/* Layouts shared by the BPF program and its loader (nbdsink/tracker/bpf.py mirrors them). */
+#ifndef NBDSINK_TRACKER_H
+#define NBDSINK_TRACKER_H
+
+/* Read-only configuration, fixed at load time (.rodata). */
+struct nbdsink_cfg {
+	__u32 major;        /* the whole disk's major ... */
+	__u32 first_minor;  /* ... and first minor: partitions are tracked on their disk */
+	__u64 start_sect;   /* first sector of the tracked range on the disk (partition start) */
+	__u64 nr_sects;     /* length of the tracked range in 512-byte sectors */
+	__u32 chunk_shift;  /* log2(chunk size / 512) */
+	__u32 words;        /* u64 words in one generation's bitmap */
+	__u32 swords;       /* u64 words in one generation's summary bitmap */
+	__u32 pad;
+};
+
+/* The one entry of the "ctl" map (mmapable, shared with userspace). */
+struct nbdsink_ctl {
+	__u64 seq;          /* number of the open generation; its bitmap is seq & 1 */
+	__u64 active;       /* program runs currently between reading seq and their last mark */
+	__u64 overflow[2];  /* per bitmap: a range could not be marked precisely -> all dirty */
+	__u64 bio_lost;     /* in-flight bio table was full (diagnostic) */
+};
+
+#endif

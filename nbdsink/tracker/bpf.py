@@ -1,0 +1,409 @@
+"""The ``bpf`` backend: the eBPF program of ``kmod/bpf`` marks dirty chunks in pinned bitmaps.
+
+Kernel side (see ``kmod/bpf/nbdsink_tracker.bpf.c``): two bitmaps in mmapable array maps, the
+open generation's one selected by ``seq & 1``; programs on the block completion tracepoints
+set bits with atomic OR. Everything is pinned under ``/sys/fs/bpf/nbdsink/<device>/``, so
+tracking outlives the process that started it and a new process picks it up with
+:func:`open_bpf`.
+
+User side: generations closed by :meth:`BpfTracker.checkpoint` but not yet acknowledged are
+kept in a state file (``/run/nbdsink/tracker/bpf/<device>.json``), which lives exactly as long as
+the pins (both vanish at reboot). A checkpoint:
+
+1. flips ``seq`` (an atomic in the kernel, via the ``flip`` program),
+2. waits until no program run can still be marking the old bitmap (``active`` reaches 0),
+3. reads the old bitmap and appends it, as the closed generation, to the state file,
+4. clears the old bitmap.
+
+A crash between 1 and 3 is repaired by the next checkpoint (the kernel's ``seq`` is ahead of
+the state file: the closed bitmap is still there, uncleared); a crash between 3 and 4 leaves
+stale bits, which only over-report.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbdsink.tracker import libbpf, runs
+from nbdsink.tracker.base import DirtySet, Tracker, TrackerError, TrackerStatus, TrackingLost
+from nbdsink.tracker.blockdev import BlockDevice, check_chunk_size, probe
+from nbdsink.tracker.statefile import locked, read_json, write_json
+
+BACKEND = "bpf"
+DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
+PIN_ROOT = Path("/sys/fs/bpf/nbdsink")
+STATE_DIR = Path("/run/nbdsink/tracker/bpf")
+REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "kmod" / "bpf"
+OBJECT_NAME = "nbdsink_tracker.bpf.o"
+STATE_VERSION = 1
+
+# struct nbdsink_cfg and struct nbdsink_ctl of kmod/bpf/nbdsink_tracker.h.
+_CFG = struct.Struct("<IIQQIIII")
+_CTL_SEQ, _CTL_ACTIVE, _CTL_OVERFLOW = 0, 8, 16
+_CTL_SIZE = 40
+_WAIT_TIMEOUT = 10.0
+_FULL = (1 << 64) - 1
+
+
+def btf_path() -> str:
+    """Where the loader looks for kernel BTF (``NBDSINK_BTF`` overrides, for tests)."""
+    return os.environ.get("NBDSINK_BTF", DEFAULT_BTF)
+
+
+def has_btf(path: str | None = None) -> bool:
+    """True if the kernel exposes BTF, which this CO-RE program needs."""
+    return os.path.exists(path or btf_path())
+
+
+def object_path() -> Path:
+    """The compiled BPF object, built from ``kmod/bpf`` on first use if it is missing or stale.
+
+    ``NBDSINK_BPF_OBJECT`` names a prebuilt object instead (packaged installs).
+    """
+    env = os.environ.get("NBDSINK_BPF_OBJECT")
+    if env:
+        if not os.path.exists(env):
+            raise TrackerError(f"NBDSINK_BPF_OBJECT={env} does not exist")
+        return Path(env)
+    obj = REPO_BPF_DIR / OBJECT_NAME
+    src = REPO_BPF_DIR / "nbdsink_tracker.bpf.c"
+    if not src.exists():
+        if obj.exists():
+            return obj
+        raise TrackerError(f"BPF object {obj} not found (set NBDSINK_BPF_OBJECT)")
+    sources = [src, REPO_BPF_DIR / "nbdsink_tracker.h", REPO_BPF_DIR / "Makefile"]
+    if not obj.exists() or obj.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        run = subprocess.run(["make", "-s", "-C", str(REPO_BPF_DIR)], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise TrackerError(f"building the BPF program failed:\n{run.stdout}{run.stderr}")
+    return obj
+
+
+def ensure_bpffs() -> None:
+    """Mount the BPF filesystem at /sys/fs/bpf if it is not (pins live there)."""
+    with open("/proc/mounts") as f:
+        if any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f):
+            return
+    run = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise TrackerError(f"cannot mount bpffs at /sys/fs/bpf: {run.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    chunk_size: int
+    chunks: int
+    words: int
+    swords: int
+
+    @classmethod
+    def of(cls, size: int, chunk_size: int) -> _Geometry:
+        chunks = max(1, -(-size // chunk_size))
+        words = -(-chunks // 64)
+        return cls(chunk_size, chunks, words, -(-words // 64))
+
+
+def _mmap_map(path: str, entries: int, value_size: int) -> mmap.mmap:
+    length = -(-(entries * value_size) // mmap.PAGESIZE) * mmap.PAGESIZE
+    with libbpf.opened(path) as fd:
+        return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _pin_dir(name: str) -> Path:
+    return PIN_ROOT / name
+
+
+def _state_file(name: str) -> Path:
+    return STATE_DIR / f"{name}.json"
+
+
+def _lock_file(name: str) -> Path:
+    return STATE_DIR / f"{name}.lock"
+
+
+def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracker:
+    """Load, attach and pin a tracker for ``device``; the first generation starts now."""
+    btf = btf or btf_path()
+    dev = probe(device)
+    check_chunk_size(chunk_size, dev)
+    if not has_btf(btf):
+        raise TrackerError(
+            f"the kernel has no BTF ({btf} is missing): the bpf backend needs it; "
+            "use --backend dm or --backend scan"
+        )
+    pins = _pin_dir(dev.name)
+    with locked(_lock_file(dev.name)):
+        if pins.exists() or _state_file(dev.name).exists():
+            raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
+        ensure_bpffs()
+        geo = _Geometry.of(dev.size, chunk_size)
+        obj = libbpf.BpfObject(str(object_path()), None if btf == DEFAULT_BTF else btf)
+        try:
+            pins.mkdir(parents=True)
+            _load_and_pin(obj, dev, geo, pins)
+            with libbpf.opened(str(pins / "ctl")) as fd:
+                ctl_id = libbpf.obj_id(fd)
+            write_json(_state_file(dev.name), _new_state(dev, geo, ctl_id))
+        except BaseException:
+            obj.close()
+            _remove_pins(pins)
+            raise
+        obj.close()
+    return BpfTracker(device, dev.name)
+
+
+def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins: Path) -> None:
+    shift = (geo.chunk_size // 512).bit_length() - 1
+    obj.set_rodata(
+        _CFG.pack(dev.disk_major, dev.disk_minor, dev.start_sector, dev.nr_sectors, shift,
+                  geo.words, geo.swords, 0)
+    )
+    obj.set_max_entries("bits", 2 * geo.words)
+    obj.set_max_entries("summ", 2 * geo.swords)
+    # Request-based devices complete requests, bio-based ones only bios: attach what fires.
+    progs = ["on_rq_complete"] if dev.request_based else ["on_bio_queue", "on_bio_complete"]
+    for p in ("on_rq_complete", "on_bio_queue", "on_bio_complete"):
+        obj.set_autoload(p, p in progs)
+    obj.load()
+    for m in ("ctl", "bits", "summ", "inflight"):
+        obj.pin_map(m, str(pins / m))
+    obj.pin_program("flip", str(pins / "flip"))
+    # Bio-based: start completing (marking) only after queue-time recording is in place.
+    for p in progs[::-1] if not dev.request_based else progs:
+        obj.attach_and_pin(p, str(pins / f"link_{p}"))
+
+
+def _new_state(dev: BlockDevice, geo: _Geometry, ctl_id: int) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "device": dev.path,
+        "name": dev.name,
+        "size": dev.size,
+        "chunk_size": geo.chunk_size,
+        "ctl_id": ctl_id,
+        "last_closed": 0,
+        "acked": 0,
+        "pending": [],
+    }
+
+
+def _remove_pins(pins: Path) -> None:
+    # Links first: unpinning them detaches the programs before their maps go.
+    if not pins.exists():
+        return
+    for p in sorted(pins.iterdir(), key=lambda p: not p.name.startswith("link_")):
+        p.unlink(missing_ok=True)
+    pins.rmdir()
+
+
+def open_bpf(device: str) -> BpfTracker:
+    """Attach to an existing tracking of ``device`` (started by any process)."""
+    dev_name = probe(device).name if os.path.exists(device) else Path(device).name
+    if not _pin_dir(dev_name).exists():
+        raise TrackerError(f"{device} is not tracked by the bpf backend")
+    return BpfTracker(device, dev_name)
+
+
+def tracked_names() -> list[str]:
+    """Kernel names of every device the bpf backend tracks."""
+    if not STATE_DIR.exists():
+        return []
+    return sorted(p.stem for p in STATE_DIR.glob("*.json") if _pin_dir(p.stem).exists())
+
+
+class BpfTracker(Tracker):
+    """A handle on one pinned eBPF tracking; any number of processes may hold one."""
+
+    backend = BACKEND
+
+    def __init__(self, device: str, name: str) -> None:
+        self.device = device
+        self.name = name
+        self._pins = _pin_dir(name)
+        self._state_path = _state_file(name)
+        state = self._load_state()
+        self.device_size: int = state["size"]
+        self.chunk_size = state["chunk_size"]
+        self._geo = _Geometry.of(self.device_size, self.chunk_size)
+        try:
+            self._ctl = _mmap_map(str(self._pins / "ctl"), 1, _CTL_SIZE)
+            self._bits = _mmap_map(str(self._pins / "bits"), 2 * self._geo.words, 8)
+            self._summ = _mmap_map(str(self._pins / "summ"), 2 * self._geo.swords, 8)
+        except TrackerError as exc:
+            raise TrackingLost(f"{device}: pinned tracker is incomplete ({exc})") from None
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any]:
+        state = read_json(self._state_path)
+        if state.get("version") != STATE_VERSION:
+            raise TrackerError(f"{self._state_path}: unknown state version {state.get('version')}")
+        try:
+            with libbpf.opened(str(self._pins / "ctl")) as fd:
+                ctl_id = libbpf.obj_id(fd)
+        except TrackerError:
+            raise TrackingLost(f"{self.device}: the pinned tracker is gone ({self._pins})") from None
+        if ctl_id != state["ctl_id"]:
+            # The pins were replaced behind our back: the state describes another tracking.
+            raise TrackingLost(f"{self.device}: state {self._state_path} does not match the pins")
+        return state
+
+    def _seq(self) -> int:
+        return int(struct.unpack_from("<Q", self._ctl, _CTL_SEQ)[0])
+
+    # -- bitmaps --------------------------------------------------------------------------
+
+    def _read_bitmap(self, idx: int) -> tuple[list[runs.Run], list[int], list[int], bool]:
+        """Runs marked in bitmap ``idx``, the words and summary words to clear, overflow."""
+        with (
+            memoryview(self._bits) as raw_w,
+            memoryview(self._summ) as raw_s,
+            raw_w.cast("Q") as words,
+            raw_s.cast("Q") as summ,
+        ):
+            return self._scan(idx, words, summ)
+
+    def _scan(
+        self, idx: int, words: memoryview, summ: memoryview
+    ) -> tuple[list[runs.Run], list[int], list[int], bool]:
+        base, sbase = idx * self._geo.words, idx * self._geo.swords
+        word_idx: list[int] = []
+        summ_idx: list[int] = []
+        pairs: list[tuple[int, int]] = []
+        for s in range(self._geo.swords):
+            sv = summ[sbase + s]
+            if not sv:
+                continue
+            summ_idx.append(sbase + s)
+            while sv:
+                b = (sv & -sv).bit_length() - 1
+                sv &= sv - 1
+                w = s * 64 + b
+                v = words[base + w]
+                word_idx.append(base + w)
+                if v:
+                    pairs.append((w, v))
+        overflow = struct.unpack_from("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx)[0] != 0
+        found = runs.from_bitmap_words(pairs)
+        if overflow:
+            found = [(0, self._geo.chunks)]
+        found = [(f, min(n, self._geo.chunks - f)) for f, n in found if f < self._geo.chunks]
+        return found, word_idx, summ_idx, overflow
+
+    def _clear_bitmap(self, idx: int, word_idx: list[int], summ_idx: list[int]) -> None:
+        with (
+            memoryview(self._bits) as raw_w,
+            memoryview(self._summ) as raw_s,
+            raw_w.cast("Q") as words,
+            raw_s.cast("Q") as summ,
+        ):
+            for w in word_idx:
+                words[w] = 0
+            for s in summ_idx:
+                summ[s] = 0
+        struct.pack_into("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx, 0)
+
+    def _flip_and_wait(self) -> None:
+        with libbpf.opened(str(self._pins / "flip")) as fd:
+            libbpf.test_run(fd)
+        deadline = time.monotonic() + _WAIT_TIMEOUT
+        spins = 0
+        while struct.unpack_from("<Q", self._ctl, _CTL_ACTIVE)[0] != 0:
+            spins += 1
+            if time.monotonic() > deadline:
+                raise TrackerError(
+                    f"{self.device}: tracker programs did not drain within {_WAIT_TIMEOUT}s "
+                    "(nothing is lost; retry the checkpoint)"
+                )
+            time.sleep(0 if spins < 100 else 0.0005)
+
+    def _close_generation(self, state: dict[str, Any], gen: int) -> None:
+        """Persist closed generation ``gen`` (bitmap ``(gen - 1) & 1``), then clear it."""
+        idx = (gen - 1) & 1
+        found, word_idx, summ_idx, _ = self._read_bitmap(idx)
+        state["pending"].append([gen, [list(r) for r in found]])
+        state["last_closed"] = gen
+        write_json(self._state_path, state)
+        self._clear_bitmap(idx, word_idx, summ_idx)
+
+    # -- Tracker --------------------------------------------------------------------------
+
+    def checkpoint(self) -> DirtySet:
+        with locked(_lock_file(self.name)):
+            state = self._load_state()
+            seq = self._seq()
+            if state["last_closed"] == seq - 1:
+                # A flip whose generation was never persisted (crash mid-checkpoint).
+                self._close_generation(state, seq)
+            elif state["last_closed"] != seq:
+                raise TrackingLost(
+                    f"{self.device}: state says generation {state['last_closed']} was closed "
+                    f"last, the kernel says {seq}: rescan needed"
+                )
+            # The bitmap about to become current only holds stale bits after a crash.
+            spare = (seq + 1) & 1
+            _, word_idx, summ_idx, _ = self._read_bitmap(spare)
+            self._clear_bitmap(spare, word_idx, summ_idx)
+            self._flip_and_wait()
+            gen = seq + 1
+            self._close_generation(state, gen)
+            return DirtySet(gen, self.chunk_size, self._report(state))
+
+    def _report(self, state: dict[str, Any]) -> list[tuple[int, int]]:
+        pending = [[(f, n) for f, n in r] for g, r in state["pending"] if g > state["acked"]]
+        return runs.to_extents(runs.union(*pending), self.chunk_size, self.device_size)
+
+    def acknowledge(self, generation: int) -> None:
+        with locked(_lock_file(self.name)):
+            state = self._load_state()
+            if generation > state["last_closed"]:
+                raise TrackerError(
+                    f"{self.device}: cannot acknowledge generation {generation}: the last "
+                    f"checkpoint closed {state['last_closed']}"
+                )
+            if generation <= state["acked"]:
+                return
+            state["acked"] = generation
+            state["pending"] = [p for p in state["pending"] if p[0] > generation]
+            write_json(self._state_path, state)
+
+    def status(self) -> TrackerStatus:
+        state = self._load_state()
+        live, _, _, _ = self._read_bitmap(self._seq() & 1)
+        pending = [[(f, n) for f, n in r] for _, r in state["pending"]]
+        dirty = runs.to_extents(runs.union(live, *pending), self.chunk_size, self.device_size)
+        return TrackerStatus(
+            device=state["device"],
+            backend=BACKEND,
+            chunk_size=self.chunk_size,
+            generation=self._seq() + 1,
+            dirty_bytes=sum(n for _, n in dirty),
+        )
+
+    def stop(self) -> None:
+        with locked(_lock_file(self.name)):
+            self.close()
+            _remove_pins(self._pins)
+            self._state_path.unlink(missing_ok=True)
+        _lock_file(self.name).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release this handle's mappings (tracking continues)."""
+        for m in (self._ctl, self._bits, self._summ):
+            if not m.closed:
+                m.close()
+
+
+def stop_leftovers(name: str) -> None:
+    """Remove pins and state of ``name`` whatever their condition (cleanup after failures)."""
+    with locked(_lock_file(name)):
+        _remove_pins(_pin_dir(name))
+        _state_file(name).unlink(missing_ok=True)
+    _lock_file(name).unlink(missing_ok=True)
