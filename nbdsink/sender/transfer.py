@@ -23,6 +23,7 @@ import blake3
 import trio
 
 from nbdsink.sender.device import Device
+from nbdsink.sender.groups import open_nursery
 from nbdsink.sender.plan import Extent, Op, Write, Zero, ZeroMerger, ops_for_buffer, split
 from nbdsink.sender.progress import Progress
 from nbdsink.sender.ratelimit import RateLimiter
@@ -186,7 +187,7 @@ class Transfer:
         stats = TransferStats()
         on_skip = progress.advance if progress is not None else None
         send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for _ in range(self.config.window):
                 nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
             await recv_ch.aclose()
@@ -199,7 +200,7 @@ class Transfer:
         """Send requests already in memory (the remainder read during a freeze)."""
         stats = TransferStats()
         send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for _ in range(self.config.window):
                 nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
             await recv_ch.aclose()
