@@ -1,0 +1,94 @@
+"""Starting, finding and listing trackers, whatever their backend.
+
+Each backend is a module with three functions (the ``dm`` backend, ``nbdsink.tracker.dm``,
+follows the same shape)::
+
+    start(device: str, chunk_size: int) -> Tracker      # TrackerError if already tracked
+    attach(device: str) -> Tracker                       # TrackerError if not tracked by it
+    tracked_names() -> list[str]                         # kernel names of tracked devices
+
+Trackers outlive processes, so :func:`open_tracker` finds which backend tracks a device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from nbdsink.tracker.base import Tracker, TrackerError
+from nbdsink.tracker.blockdev import check_chunk_size
+
+BACKENDS = ("bpf", "dm", "scan")
+DEFAULT_CHUNK_SIZE = 64 << 10
+
+
+def _module(backend: str) -> ModuleType:
+    if backend not in BACKENDS:
+        raise TrackerError(f"unknown tracker backend {backend!r} (one of: {', '.join(BACKENDS)})")
+    try:
+        return importlib.import_module(f"nbdsink.tracker.{backend}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"nbdsink.tracker.{backend}":
+            raise TrackerError(f"the {backend} backend is not available in this build") from None
+        raise
+
+
+def default_backend() -> str:
+    """``bpf`` wherever the kernel has BTF, else ``dm``."""
+    from nbdsink.tracker import bpf
+
+    if bpf.has_btf():
+        return "bpf"
+    try:
+        _module("dm")
+    except TrackerError:
+        raise TrackerError(
+            f"the kernel has no BTF ({bpf.btf_path()} is missing), which the bpf backend "
+            "needs, and the dm backend is not available: use --backend scan"
+        ) from None
+    return "dm"
+
+
+def start_tracker(device: str, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str | None = None) -> Tracker:
+    """Start tracking ``device`` with ``backend`` (default: :func:`default_backend`)."""
+    check_chunk_size(chunk_size)
+    backend = backend or default_backend()
+    mod = _module(backend)
+    for other in BACKENDS:
+        if other != backend and _tracks(other, device):
+            raise TrackerError(f"{device} is already tracked by the {other} backend; stop it first")
+    tracker: Tracker = mod.start(device, chunk_size)
+    return tracker
+
+
+def open_tracker(device: str, backend: str | None = None) -> Tracker:
+    """The existing tracker of ``device`` (any backend unless one is named)."""
+    for name in [backend] if backend else BACKENDS:
+        if _tracks(name, device):
+            tracker: Tracker = _module(name).attach(device)
+            return tracker
+    raise TrackerError(f"{device} is not tracked (start it with: nbdsink track start {device})")
+
+
+def tracked() -> list[Tracker]:
+    """A handle on every tracked device, every backend."""
+    out: list[Tracker] = []
+    for backend in BACKENDS:
+        try:
+            mod = _module(backend)
+        except TrackerError:
+            continue
+        out.extend(mod.attach(f"/dev/{name}") for name in mod.tracked_names())
+    return out
+
+
+def _tracks(backend: str, device: str) -> bool:
+    try:
+        mod = _module(backend)
+    except TrackerError:
+        return False
+    try:
+        mod.attach(device)
+    except TrackerError:
+        return False
+    return True
