@@ -17,7 +17,7 @@ APT_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse nbd-client nbd-server
     qemu-utils
     # the real kernel in a VM (tests/vm) and what the guest's initramfs is made of
-    qemu-system-x86 busybox-static cpio kmod
+    qemu-system-x86 busybox-static cpio kmod dmsetup
     # Python: venv and headers for the embedded interpreter
     python3 python3-venv python3-dev
     # the eBPF tracker: clang/llvm for CO-RE, libbpf to load it, bpftool for vmlinux.h
