@@ -414,9 +414,7 @@ class ClientConnection:
             return self._parse_export_name_reply()
         if state in (State.TRANSMISSION, State.DISCONNECTING):
             return self._parse_transmission()
-        if state is State.CLOSED:
-            return ConnectionClosed()
-        # CLIENT_FLAGS, OPTIONS, TLS: it is our turn to speak, the server must be silent.
+        # CLIENT_FLAGS, OPTIONS, TLS, CLOSED: the server has nothing to say now.
         if self._buf:
             raise RemoteProtocolError(f"server sent data unprompted ({state.value})")
         if self._eof:
