@@ -36,7 +36,7 @@ import trio
 from nbdsink.sender.plan import Extent, Op, total, union
 from nbdsink.sender.progress import Progress
 from nbdsink.sender.state import SenderState, StateDir
-from nbdsink.sender.transfer import RemoteView, Sink, Transfer, TransferStats, collect
+from nbdsink.sender.transfer import Note, RemoteView, Sink, Transfer, TransferStats, collect
 from nbdsink.tracker.base import DirtySet, Tracker
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,28 @@ class Cycle:
     async def _checkpoint(self) -> DirtySet:
         return await self._tracker(self.tracker.checkpoint)
 
-    async def _send(self, extents: list[Extent], *, compare: bool, label: str) -> TransferStats:
+    def _noter(self, generation: int) -> Note | None:
+        """What tells a tracker that learns from the data sent (scan) what was sent."""
+        note_sent: Callable[[int, int, bytes | memoryview], None] | None = getattr(
+            self.tracker, "note_sent", None
+        )
+        if note_sent is None:
+            return None
+        cs = self.transfer.config.chunk_size
+        zeros = memoryview(bytes(cs * max(1, (4 << 20) // cs)))
+
+        def note(offset: int, data: bytes | None, length: int) -> None:
+            if data is not None:
+                note_sent(generation, offset, data)
+                return
+            for pos in range(0, length, len(zeros)):
+                note_sent(generation, offset + pos, zeros[: min(len(zeros), length - pos)])
+
+        return note
+
+    async def _send(
+        self, extents: list[Extent], generation: int, *, compare: bool, label: str
+    ) -> TransferStats:
         nbytes = total(extents)
         if nbytes == 0:
             return TransferStats()
@@ -149,7 +170,10 @@ class Cycle:
         started = time.monotonic()
         try:
             stats = await self.transfer.send(
-                extents, remote=self.remote if compare else None, progress=progress
+                extents,
+                remote=self.remote if compare else None,
+                progress=progress,
+                note=self._noter(generation),
             )
         finally:
             progress.finish()
@@ -215,7 +239,8 @@ class Cycle:
         captured = utc_now()
         ds = await self._checkpoint()
         extents = self._initial(ds, full)
-        stats = await self._send(extents, compare=full, label="full sync" if full else "cycle")
+        label = "full sync" if full else "cycle"
+        stats = await self._send(extents, ds.generation, compare=full, label=label)
         version = None
         if extents:
             version = await self._commit(ds, "none", {}, captured)
@@ -243,7 +268,7 @@ class Cycle:
             while not self._fits(total(extents)) and rounds < opts.converge_rounds * attempt:
                 rounds += 1
                 label = "full sync" if compare else f"converge round {rounds}"
-                stats.add(await self._send(extents, compare=compare, label=label))
+                stats.add(await self._send(extents, ds.generation, compare=compare, label=label))
                 compare = False
                 await self._record_pending(extents, ds.generation)
                 ds = await self._checkpoint()
@@ -258,7 +283,7 @@ class Cycle:
                 )
                 ds, extents = frozen_ds, frozen_ds.extents
                 continue
-            stats.add(await self.transfer.push(ops))
+            stats.add(await self.transfer.push(ops, note=self._noter(frozen_ds.generation)))
             version = await self._commit(
                 frozen_ds, "frozen", {"frozen_at": iso(frozen_at)}, frozen_at
             )

@@ -52,6 +52,14 @@ class RemoteView(Protocol):
     async def pread(self, length: int, offset: int) -> bytes: ...
 
 
+Note = Callable[[int, bytes | None, int], None]
+"""``note(offset, data, length)``: the remote now holds ``data`` (None: zeros) at ``offset``.
+
+Called for every range a transfer made (or found) equal on the remote; the scan tracker
+uses it to learn the digests of what was sent.
+"""
+
+
 @dataclass
 class TransferStats:
     """What one transfer did."""
@@ -122,6 +130,7 @@ class Transfer:
         remote: RemoteView | None = None,
         on_skip: Callable[[int], None] | None = None,
         stats: TransferStats | None = None,
+        note: Note | None = None,
     ) -> AsyncIterator[Op]:
         """The requests that make the remote equal the device over ``extents``."""
         cs = self.config.chunk_size
@@ -132,7 +141,7 @@ class Transfer:
             if remote is None or zeros is None:
                 produced = list(ops_for_buffer(off, buf, cs))
             else:
-                produced, skipped = await self._compare(off, buf, remote, zeros)
+                produced, skipped = await self._compare(off, buf, remote, zeros, note)
                 if skipped:
                     if stats is not None:
                         stats.bytes_skipped += skipped
@@ -145,13 +154,18 @@ class Transfer:
             yield ready
 
     async def _compare(
-        self, off: int, buf: bytes, remote: RemoteView, zeros: ZeroMap
+        self, off: int, buf: bytes, remote: RemoteView, zeros: ZeroMap, note: Note | None
     ) -> tuple[list[Op], int]:
         """Requests for the chunks of ``buf`` the remote does not already hold; bytes skipped."""
         cs = self.config.chunk_size
         if zeros.covers(off, len(buf)):
             # The remote reads zeros here: only local data needs sending.
-            writes: list[Op] = [op for op in ops_for_buffer(off, buf, cs) if isinstance(op, Write)]
+            writes: list[Op] = []
+            for op in ops_for_buffer(off, buf, cs):
+                if isinstance(op, Write):
+                    writes.append(op)
+                elif note is not None:
+                    note(op.offset, None, op.length)
             return writes, len(buf) - sum(op.length for op in writes)
         theirs = await remote.pread(len(buf), off)
         out: list[Op] = []
@@ -169,6 +183,8 @@ class Transfer:
             if blake3.blake3(mine_chunk).digest() == blake3.blake3(theirs[pos : pos + cs]).digest():
                 close_run(pos)
                 skipped += len(mine_chunk)
+                if note is not None:
+                    note(off + pos, mine_chunk, len(mine_chunk))
             elif run_start is None:
                 run_start = pos
         close_run(len(buf))
@@ -182,6 +198,7 @@ class Transfer:
         *,
         remote: RemoteView | None = None,
         progress: Progress | None = None,
+        note: Note | None = None,
     ) -> TransferStats:
         """Stream ``extents`` to the sink with ``window`` requests in flight."""
         stats = TransferStats()
@@ -189,20 +206,24 @@ class Transfer:
         send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
         async with open_nursery() as nursery:
             for _ in range(self.config.window):
-                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
+                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress, note)
             await recv_ch.aclose()
             async with send_ch:
-                async for op in self.ops(extents, remote=remote, on_skip=on_skip, stats=stats):
+                async for op in self.ops(
+                    extents, remote=remote, on_skip=on_skip, stats=stats, note=note
+                ):
                     await send_ch.send(op)
         return stats
 
-    async def push(self, ops: Sequence[Op], *, progress: Progress | None = None) -> TransferStats:
+    async def push(
+        self, ops: Sequence[Op], *, progress: Progress | None = None, note: Note | None = None
+    ) -> TransferStats:
         """Send requests already in memory (the remainder read during a freeze)."""
         stats = TransferStats()
         send_ch, recv_ch = trio.open_memory_channel[Op](self.config.window)
         async with open_nursery() as nursery:
             for _ in range(self.config.window):
-                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress)
+                nursery.start_soon(self._writer, recv_ch.clone(), stats, progress, note)
             await recv_ch.aclose()
             async with send_ch:
                 for op in ops:
@@ -214,6 +235,7 @@ class Transfer:
         recv_ch: trio.MemoryReceiveChannel[Op],
         stats: TransferStats,
         progress: Progress | None,
+        note: Note | None,
     ) -> None:
         async with recv_ch:
             async for op in recv_ch:
@@ -221,10 +243,14 @@ class Transfer:
                     await self.limiter.acquire(op.length + REQUEST_OVERHEAD)
                     await self.sink.pwrite(op.data, op.offset)
                     stats.bytes_written += op.length
+                    if note is not None:
+                        note(op.offset, op.data, op.length)
                 else:
                     await self.limiter.acquire(REQUEST_OVERHEAD)
                     await self.sink.zero(op.length, op.offset)
                     stats.bytes_zeroed += op.length
+                    if note is not None:
+                        note(op.offset, None, op.length)
                 stats.requests += 1
                 if progress is not None:
                     progress.advance(op.length)
@@ -236,6 +262,7 @@ async def collect(transfer: Transfer, extents: Iterable[Extent]) -> list[Op]:
 
 
 __all__ = [
+    "Note",
     "RemoteView",
     "Sink",
     "Transfer",
