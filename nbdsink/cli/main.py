@@ -18,6 +18,7 @@ from nbdsink.errors import NbdsinkError
 COMMAND_MODULES = [
     "nbdsink.cli.store_commands",
     "nbdsink.cli.serve",
+    "nbdsink.cli.replicate",
     "nbdsink.cli.track",
 ]
 

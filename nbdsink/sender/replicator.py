@@ -1,0 +1,325 @@
+"""``nbdsink replicate``: sessions of cycles, reconnects with backoff, clean stop.
+
+A *session* is one connection to the remote head and one attachment to the tracker; it
+runs cycles every ``interval`` until it fails or is cancelled. Transient failures (network,
+server restart, a freeze that did not fit, a hook that failed) end the session and the next
+one starts after a backoff delay; the cycle design guarantees nothing was lost meanwhile.
+Errors a retry cannot fix (the volume does not match, the device went away, the state
+directory belongs to another replication) stop the sender with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from datetime import datetime
+
+import trio
+
+from nbdsink import nbd
+from nbdsink.nbd import TLSConfig
+from nbdsink.sender import freeze as freezing
+from nbdsink.sender.backoff import Backoff
+from nbdsink.sender.cycle import Cycle, CycleOptions, CycleResult, FreezeBudgetExceeded, iso
+from nbdsink.sender.device import Device
+from nbdsink.sender.errors import DeviceError, FreezeError, HookError, RemoteError, StateError
+from nbdsink.sender.ratelimit import RateLimiter
+from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
+from nbdsink.sender.state import CycleRecord, SenderState, StateDir
+from nbdsink.sender.transfer import Transfer, TransferConfig
+from nbdsink.sender.units import format_duration, format_size
+from nbdsink.tracker import Tracker, TrackingLost, open_tracker, start_tracker
+from nbdsink.tracker.base import TrackerError
+from nbdsink.tracker.registry import default_backend
+
+log = logging.getLogger("nbdsink.sender")
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nbd.NBDConnectionError,
+    nbd.NBDReplyError,
+    nbd.RemoteProtocolError,
+    RemoteError,
+    OSError,
+)
+"""Failures that a new session, after a backoff delay, can get past."""
+
+CYCLE_RETRYABLE: tuple[type[BaseException], ...] = (FreezeBudgetExceeded, HookError)
+"""Failures of one cycle that the next cycle, an interval later, may well get past."""
+
+
+@dataclass
+class ReplicateOptions:
+    device: str
+    uri: str
+    state_dir: str
+    once: bool = False
+    interval: float = 10.0
+    freeze: str | None = None
+    pre_hook: str | None = None
+    post_hook: str | None = None
+    hook_timeout: float = 60.0
+    tracker: str | None = None
+    rate: int = 0
+    max_freeze: float = 2.0
+    window: int = 16
+    max_request: int = 4 << 20
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    tls: TLSConfig | None = None
+
+
+class Replicator:
+    """Runs sessions until ``--once`` is done or the task is cancelled (SIGTERM)."""
+
+    def __init__(self, options: ReplicateOptions) -> None:
+        self.options = options
+        self.state_dir = StateDir(options.state_dir)
+        self.volume = volume_of(options.uri)
+        self.limiter = RateLimiter(options.rate)
+        self.backoff = Backoff(options.backoff_initial, options.backoff_max)
+        self.cycles = 0
+
+    # -- start-up checks ----------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Thaw what a dead sender left frozen; check --freeze names the device's filesystem."""
+        thawed = freezing.thaw_leftover(self.state_dir)
+        if thawed:
+            log.warning("thawed %s, left frozen by a previous sender", thawed)
+        if self.options.freeze:
+            mount_dev = freezing.mount_source(self.options.freeze)
+            try:
+                rdev = os.stat(self.options.device).st_rdev
+            except OSError as exc:
+                raise DeviceError(f"cannot open {self.options.device}: {exc.strerror}") from exc
+            if mount_dev != (os.major(rdev), os.minor(rdev)):
+                raise FreezeError(
+                    f"--freeze {self.options.freeze}: that filesystem is not on "
+                    f"{self.options.device} (it is on device {mount_dev[0]}:{mount_dev[1]})"
+                )
+
+    def _state_for(self, device: Device, remote: NbdRemote, backend: str) -> SenderState:
+        state = self.state_dir.load()
+        if state is None:
+            state = SenderState(
+                device=self.options.device, uri=self.options.uri, volume=self.volume,
+                size=device.size, chunk_size=remote.block_size, tracker=backend,
+            )
+        else:
+            if state.volume != self.volume or (
+                os.path.realpath(state.device) != os.path.realpath(self.options.device)
+            ):
+                raise StateError(
+                    f"state directory {self.state_dir.path} belongs to the replication of "
+                    f"{state.device} to volume {state.volume!r}; use another --state"
+                )
+            if state.size != device.size:
+                raise DeviceError(
+                    f"{self.options.device} is now {device.size} bytes, it was {state.size}: "
+                    "a resized device needs a new volume and a new state directory"
+                )
+            state.uri = self.options.uri
+        remote.check(size=device.size, chunk_size=state.chunk_size)
+        self.state_dir.save(state)
+        return state
+
+    async def _tracker(self, remote: NbdRemote, state: SenderState) -> tuple[Tracker, bool]:
+        """Attach to (or start) the device's tracker; True if a full sync is needed."""
+        device, cs = self.options.device, state.chunk_size
+        backend = self.options.tracker or state.tracker
+        try:
+            tracker = await trio.to_thread.run_sync(open_tracker, device, backend)
+        except TrackerError:
+            tracker = None
+        if tracker is not None:
+            if tracker.chunk_size != cs:
+                raise StateError(
+                    f"{device} is tracked in chunks of {tracker.chunk_size}, the volume's block "
+                    f"size is {cs}: stop that tracker first (nbdsink track stop {device})"
+                )
+            latest = await remote.latest_version()
+            if state.synced and (latest or 0) < (state.last_version or 0):
+                log.warning(
+                    "the remote volume's newest version is %s but version %s was acknowledged "
+                    "(store restored or replaced?): resynchronising by comparison",
+                    latest, state.last_version,
+                )
+                return tracker, True
+            return tracker, not state.synced
+        if backend == "scan":
+            # The reference is what the remote holds: the first checkpoint reports exactly
+            # the chunks that differ from it.
+            log.info("reading the remote volume's digests for the scan tracker")
+            reference = await remote.digests(cs)
+            from nbdsink.tracker.scan import start_scan
+
+            tracker = await trio.to_thread.run_sync(start_scan, device, cs, reference)
+            return tracker, False
+        tracker = await trio.to_thread.run_sync(start_tracker, device, cs, backend)
+        if state.synced:
+            log.warning("%s was not being tracked: resynchronising by comparison", device)
+        return tracker, True
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Sessions until done (``--once``) or cancelled; permanent errors propagate."""
+        while True:
+            try:
+                await self._session()
+                return
+            except TRANSIENT as exc:
+                self._record_error(exc)
+                if self.options.once:
+                    raise
+                delay = self.backoff.next()
+                log.warning("replication interrupted: %s; retrying in %s", exc,
+                            format_duration(delay))
+                await trio.sleep(delay)
+
+    async def _session(self) -> None:
+        opts = self.options
+        backend = opts.tracker or self._saved_backend() or default_backend()
+        with Device(opts.device) as device:
+            async with open_remote(opts.uri, opts.tls, window=opts.window) as remote:
+                state = self._state_for(device, remote, backend)
+                state.tracker = backend
+                tracker, full = await self._tracker(remote, state)
+                try:
+                    await self._cycles(device, remote, state, tracker, full)
+                finally:
+                    close = getattr(tracker, "close", None)
+                    if close is not None:
+                        close()
+
+    def _saved_backend(self) -> str | None:
+        state = self.state_dir.load()
+        return state.tracker if state is not None else None
+
+    def _make_cycle(
+        self, device: Device, remote: NbdRemote, state: SenderState, tracker: Tracker
+    ) -> Cycle:
+        opts = self.options
+        freezer = None
+        if opts.freeze:
+            freezer = freezing.FsFreezer(
+                opts.freeze, self.state_dir, pre_hook=opts.pre_hook, post_hook=opts.post_hook,
+                hook_timeout=opts.hook_timeout,
+            )
+        cs = state.chunk_size
+        config = TransferConfig(
+            chunk_size=cs,
+            max_request=max(cs, opts.max_request // cs * cs),
+            window=opts.window,
+        )
+        transfer = Transfer(device, remote, config, limiter=self.limiter)
+        return Cycle(
+            tracker=tracker, transfer=transfer, remote=remote, state_dir=self.state_dir,
+            state=state, options=CycleOptions(freezer=freezer, max_freeze=opts.max_freeze),
+        )
+
+    async def _cycles(
+        self, device: Device, remote: NbdRemote, state: SenderState, tracker: Tracker, full: bool
+    ) -> None:
+        opts = self.options
+        cycle = self._make_cycle(device, remote, state, tracker)
+        while True:
+            started = trio.current_time()
+            size = device.current_size()
+            if size != state.size:
+                raise DeviceError(
+                    f"{opts.device} is now {size} bytes, it was {state.size} "
+                    "(device removed or resized); stopping"
+                )
+            previous_capture = state.last_captured_at
+            try:
+                result = await cycle.run(full=full)
+            except TrackingLost as exc:
+                log.warning("tracking of %s was lost (%s): restarting it and resynchronising",
+                            opts.device, exc)
+                await trio.to_thread.run_sync(tracker.stop)
+                tracker = await trio.to_thread.run_sync(
+                    start_tracker, opts.device, state.chunk_size, state.tracker
+                )
+                cycle = self._make_cycle(device, remote, state, tracker)
+                full = True
+                continue
+            except CYCLE_RETRYABLE as exc:
+                self._record_error(exc)
+                if opts.once:
+                    raise
+                log.warning("cycle failed: %s; next attempt in %s", exc,
+                            format_duration(opts.interval))
+                await trio.sleep_until(started + opts.interval)
+                continue
+            full = False
+            self.cycles += 1
+            self.backoff.reset()
+            self._log_cycle(result, previous_capture, state)
+            if opts.once:
+                return
+            await trio.sleep_until(started + opts.interval)
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def _log_cycle(
+        self, result: CycleResult, previous_capture: str | None, state: SenderState
+    ) -> None:
+        now = datetime.now().astimezone()
+        captured = datetime.fromisoformat(result.captured_at.replace("Z", "+00:00"))
+        lag = (now - captured).total_seconds()
+        rpo = None
+        if previous_capture is not None and result.version is not None:
+            rpo = (now - datetime.fromisoformat(previous_capture.replace("Z", "+00:00"))).total_seconds()
+        s = result.stats
+        freeze_txt = (
+            f" freeze={result.freeze_seconds * 1000:.1f}ms attempts={result.freeze_attempts} "
+            f"rounds={result.converge_rounds}"
+            if result.freeze_seconds is not None else ""
+        )
+        log.info(
+            "cycle version=%s consistency=%s sent=%d zeroed=%d skipped=%d requests=%d "
+            "duration=%.3fs lag=%.3fs%s%s (%s sent)",
+            result.version if result.version is not None else "-",
+            result.consistency if result.version is not None else "-",
+            s.bytes_written, s.bytes_zeroed, s.bytes_skipped, s.requests, result.duration,
+            lag, f" rpo={rpo:.3f}s" if rpo is not None else "", freeze_txt,
+            format_size(s.bytes_written),
+        )
+        state.last_cycle = CycleRecord(
+            finished_at=iso(now), version=result.version, bytes_sent=s.bytes_written,
+            bytes_zeroed=s.bytes_zeroed, duration=result.duration,
+            freeze_seconds=result.freeze_seconds, lag_seconds=lag,
+        )
+        state.last_error = None
+        self.state_dir.save(state)
+
+    def _record_error(self, exc: BaseException) -> None:
+        try:
+            state = self.state_dir.load()
+            if state is not None:
+                state.last_error = f"{iso(datetime.now().astimezone())} {exc}"
+                self.state_dir.save(state)
+        except StateError:
+            pass
+
+
+async def replicate(options: ReplicateOptions) -> None:
+    """Run a replicator until done; SIGTERM and SIGINT end it cleanly (nothing is lost)."""
+    replicator = Replicator(options)
+    with StateDir(options.state_dir).locked():
+        replicator.prepare()
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("%s: stopping", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(on_signals)
+            await replicator.run()
+            nursery.cancel_scope.cancel()
