@@ -1,0 +1,152 @@
+"""The eBPF backend on the host kernel: loop devices (request-based), a partition, zram
+(bio-based, like device-mapper), ext4 and xfs, concurrency, restart, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nbdsink.tracker import bpf
+from nbdsink.tracker.base import Tracker, TrackerError
+from tracker import conformance as conf
+
+pytestmark = pytest.mark.root
+CS = 64 << 10
+MiB = 1 << 20
+
+
+def start(device: str, chunk_size: int) -> Tracker:
+    return bpf.start_bpf(device, chunk_size)
+
+
+def test_direct_io_loop(make_loop: Callable[..., str], record_ratio: Callable[[float], None]) -> None:
+    report = conf.check_direct_io(start, make_loop(128 * MiB), CS)
+    assert report.changed > 0
+    record_ratio(report.over_reporting)
+
+
+def test_direct_io_small_chunks(make_loop: Callable[..., str], record_ratio: Callable[[float], None]) -> None:
+    report = conf.check_direct_io(start, make_loop(64 * MiB), 4096, rounds=2)
+    record_ratio(report.over_reporting)
+
+
+def test_direct_io_partition(make_loop: Callable[..., str], record_ratio: Callable[[float], None]) -> None:
+    # Partition 2 starts at an odd sector on purpose: chunks are relative to the partition.
+    loop = make_loop(160 * MiB, partitions=[(2048, 40960), (43011, 200000)])
+    report = conf.check_direct_io(start, f"{loop}p2", CS)
+    record_ratio(report.over_reporting)
+
+
+def test_partition_ignores_other_partition(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(96 * MiB, partitions=[(2048, 40960), (43008, 100000)])
+    tracker = bpf.start_bpf(f"{loop}p2", CS)
+    try:
+        for dev in (f"{loop}p1", loop):  # partition 1, and the disk below partition 2
+            fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+            conf.write_direct(fd, 4096, os.urandom(8192))
+            os.close(fd)
+        assert tracker.checkpoint().extents == []
+    finally:
+        tracker.stop()
+
+
+def test_direct_io_zram_bio_based(zram: Callable[[int], str], record_ratio: Callable[[float], None]) -> None:
+    report = conf.check_direct_io(start, zram(64 * MiB), CS)
+    record_ratio(report.over_reporting)
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_filesystem(fstype: str, make_loop: Callable[..., str], mountpoint: Path,
+                    record_ratio: Callable[[float], None]) -> None:
+    size = 320 * MiB if fstype == "xfs" else 128 * MiB  # xfs refuses to make less than 300M
+    report = conf.check_filesystem(start, make_loop(size), CS, fstype, mountpoint)
+    record_ratio(report.over_reporting)
+
+
+def test_concurrent_loop(make_loop: Callable[..., str]) -> None:
+    conf.check_concurrent(start, make_loop(64 * MiB), CS)
+
+
+def test_concurrent_zram(zram: Callable[[int], str]) -> None:
+    conf.check_concurrent(start, zram(64 * MiB), CS)
+
+
+def test_restart(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(64 * MiB)
+    conf.check_restart("bpf", bpf.open_bpf, loop, CS)
+
+
+def test_ack_semantics(make_loop: Callable[..., str]) -> None:
+    conf.check_ack_semantics(start, make_loop(64 * MiB), CS)
+
+
+def test_bad_input(make_loop: Callable[..., str]) -> None:
+    conf.check_bad_input(start, make_loop(64 * MiB), CS)
+
+
+def test_no_btf_is_a_clear_error(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(64 * MiB)
+    with pytest.raises(TrackerError, match="no BTF"):
+        bpf.start_bpf(loop, CS, btf="/nonexistent/vmlinux")
+    assert not (bpf.PIN_ROOT / Path(loop).name).exists()
+
+
+def test_crash_after_flip_loses_nothing(make_loop: Callable[..., str]) -> None:
+    """A checkpoint that died after flipping the generation, before saving it: the next
+    checkpoint still reports the writes of the lost one."""
+    loop = make_loop(64 * MiB)
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+        conf.write_direct(fd, 5 * CS, os.urandom(4096))
+        tracker._flip_and_wait()  # what a killed checkpoint did before dying
+        conf.write_direct(fd, 9 * CS, os.urandom(4096))
+        os.close(fd)
+        got = conf.reported_chunks(tracker.checkpoint())
+        assert {5, 9} <= got
+    finally:
+        tracker.stop()
+
+
+def nbdsink(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nbdsink.cli.main", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(64 * MiB)
+    run = nbdsink("track", "start", loop, "--chunk-size", "64K", "--backend", "bpf")
+    assert run.returncode == 0, run.stderr
+    again = nbdsink("track", "start", loop)
+    assert again.returncode == 1 and again.stderr.startswith("nbdsink: error:")
+    assert "already tracked" in again.stderr
+    fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+    conf.write_direct(fd, 3 * CS + 4096, os.urandom(4096))
+    os.close(fd)
+    status = json.loads(nbdsink("track", "status", "--json").stdout)
+    mine = [s for s in status if s["device"] == loop]
+    assert mine and mine[0]["backend"] == "bpf" and mine[0]["dirty_bytes"] == CS
+    out = nbdsink("track", "checkpoint", loop, "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"generation": 1, "chunk_size": CS, "extents": [[3 * CS, CS]]}
+    assert nbdsink("track", "ack", loop, "1").returncode == 0
+    assert json.loads(nbdsink("track", "checkpoint", loop, "--json").stdout)["extents"] == []
+    assert nbdsink("track", "stop", loop).returncode == 0
+    assert not (bpf.PIN_ROOT / Path(loop).name).exists()
+    for args, words in [
+        (["track", "start", "/dev/nbdsink-missing"], "no such device"),
+        (["track", "start", loop, "--chunk-size", "3000"], "power of two"),
+        (["track", "checkpoint", loop], "not tracked"),
+    ]:
+        run = nbdsink(*args)
+        assert run.returncode != 0 and words in run.stderr, run.stderr
+    env = dict(os.environ, NBDSINK_BTF="/nonexistent/vmlinux")
+    run = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "track", "start", loop,
+                          "--backend", "bpf"], capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and "no BTF" in run.stderr, run.stderr
