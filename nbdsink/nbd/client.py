@@ -145,10 +145,10 @@ class _Channel:
             raise _option_error(event)
         if proto.structured_replies:
             await self.send(proto.opt_set_meta_context(export, [p.BASE_ALLOCATION]))
+            # Any refusal here only means no block status: NBD_OPT_GO, next, gives the
+            # authoritative answer about the export itself.
             while not isinstance(event := await self.event(), OptionAck | OptionError):
                 assert isinstance(event, MetaContext)
-            if isinstance(event, OptionError) and event.reply_type != p.NBD_REP_ERR_UNSUP:
-                raise _option_error(event)
         await self.send(proto.opt_go(export))
         while True:
             event = await self.event()
