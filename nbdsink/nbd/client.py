@@ -80,12 +80,31 @@ class _Channel:
         self.stream = stream
         self.target = target
         self.proto = ClientConnection()
+        # With TLS 1.3 a server rejects a client certificate only after our side of the
+        # handshake is done: the first thing we then see is the connection dropping.
+        self.tls_unconfirmed = False
+
+    def _lost(self, exc: BaseException | None) -> NBDConnectionError:
+        error = None if exc is None else _io_error(exc, "negotiating with the server")
+        if isinstance(error, NBDTLSError):
+            return error  # a TLS alert says best what went wrong
+        if self.tls_unconfirmed:
+            return NBDTLSError(
+                f"{self.target.describe()} dropped the connection right after the TLS "
+                "handshake: it did not accept this client (client certificate missing or "
+                "not trusted?)"
+            )
+        if error is None:
+            return NBDConnectionError(
+                f"{self.target.describe()} closed the connection during the handshake"
+            )
+        return error
 
     async def send(self, data: bytes) -> None:
         try:
             await self.stream.send_all(data)
         except _STREAM_ERRORS as exc:
-            raise _io_error(exc, "negotiating with the server") from exc
+            raise self._lost(exc) from exc
 
     async def event(self) -> Event:
         while True:
@@ -94,13 +113,12 @@ class _Channel:
                 try:
                     data = await self.stream.receive_some(_RECEIVE_SIZE)
                 except _STREAM_ERRORS as exc:
-                    raise _io_error(exc, "negotiating with the server") from exc
+                    raise self._lost(exc) from exc
                 self.proto.receive_data(data)
                 continue
             if isinstance(event, ConnectionClosed):
-                raise NBDConnectionError(
-                    f"{self.target.describe()} closed the connection during the handshake"
-                )
+                raise self._lost(None)
+            self.tls_unconfirmed = False
             return event
 
     async def option_done(self, option: int) -> OptionAck | OptionError:
@@ -134,6 +152,7 @@ class _Channel:
         except _STREAM_ERRORS as exc:
             raise _io_error(exc, "starting TLS") from exc
         self.stream = ssl_stream
+        self.tls_unconfirmed = True
         self.proto.tls_started()
 
     async def negotiate(self, export: str) -> ExportReady:
