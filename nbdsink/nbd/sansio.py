@@ -577,10 +577,9 @@ class ClientConnection:
 
     def _parse_export_name_reply(self) -> Event | NeedData:
         if self._eof and not self._buf:
-            # A server that does not know the export just closes after EXPORT_NAME.
-            raise RemoteProtocolError(
-                "server closed the connection after NBD_OPT_EXPORT_NAME (unknown export?)"
-            )
+            # How a server says it does not know the export: it just hangs up.
+            self.state = State.CLOSED
+            return ConnectionClosed()
         head = self._take(p.EXPORT_NAME_REPLY.size + (0 if self.no_zeroes else 124))
         if head is None:
             return NEED_DATA
