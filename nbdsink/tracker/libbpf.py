@@ -196,6 +196,22 @@ def obj_id(fd: int) -> int:
     return int.from_bytes(info.raw[4:8], "little")
 
 
+def recursion_misses(prog_fd: int) -> int:
+    """How many times the kernel skipped this program because it was already running on
+    the CPU (a nested tracepoint hit in interrupt context): each skip may be a lost write."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    size = ctypes.c_uint32(len(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "reading program info")
+    if size.value < _RECURSION_MISSES_OFFSET + 8:
+        raise TrackerError("the kernel does not report BPF recursion misses (too old)")
+    return int.from_bytes(info.raw[_RECURSION_MISSES_OFFSET : _RECURSION_MISSES_OFFSET + 8], "little")
+
+
+# struct bpf_prog_info (linux/bpf.h): recursion_misses sits at this offset since Linux 5.12.
+_RECURSION_MISSES_OFFSET = 208
+_PROG_INFO_SIZE = 232
+
+
 def test_run(prog_fd: int) -> int:
     """Run a ``syscall`` program once; its return value."""
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts))
