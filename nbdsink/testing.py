@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,7 +37,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "nbdsink.cli.main", "serve", "--store", str(self.store),
                "--socket", str(self.socket), *self.extra_args]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -65,10 +67,12 @@ class ServerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL: the crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL to the server and its nbdkit at once: the crash."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+            _wait_group_gone(self.proc.pid)
         self.proc = None
 
     def __enter__(self) -> ServerProcess:
@@ -87,6 +91,16 @@ def run_cli(*args: str, check: bool = True, env: dict[str, str] | None = None
     """Run ``nbdsink ARGS`` in a subprocess (as a user would), capturing its output."""
     return subprocess.run([sys.executable, "-m", "nbdsink.cli.main", *args], check=check,
                           capture_output=True, text=True, env=env or dict(os.environ))
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
 
 
 def _accepts(path: Path) -> bool:

@@ -15,6 +15,7 @@ import fcntl
 import os
 import site
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ _config: dict[str, str] = {}
 _store: Store | None = None
 _heads: Heads | None = None
 _lock_fd: int | None = None
+_stop = threading.Event()
 
 
 class PluginError(Exception):
@@ -59,8 +61,10 @@ def thread_model() -> int:
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("store", "map_size"):
-        raise RuntimeError(f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE]")
+    if key not in ("store", "map_size", "batch_size"):
+        raise RuntimeError(
+            f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE] [batch_size=SIZE]"
+        )
     _config[key] = value
 
 
@@ -84,14 +88,33 @@ def after_fork() -> None:
     if "map_size" in _config:
         kwargs["map_size"] = int(nbdkit.parse_size(_config["map_size"]))
     _store = Store(path, create=True, **kwargs)
-    _heads = Heads(_store)
+    batch = int(nbdkit.parse_size(_config["batch_size"])) if "batch_size" in _config else None
+    _heads = Heads(_store, batch_bytes=batch)
+    threading.Thread(target=_heads.run_idle_saver, args=(_stop,), daemon=True,
+                     name="nbdsink-idle-saver").start()
 
 
 def cleanup() -> None:
-    if _heads is not None:
-        _heads.save_all()
-    if _store is not None:
-        _store.close()
+    """Save pending writes and close the store, then end the process.
+
+    nbdkit's unload step finalizes the embedded interpreter, and with a client still
+    connected that never returns (SIGTERM would then hang until every client left). Nothing
+    is left to do after this point, so exit here, with the store already closed cleanly.
+    """
+    status = 0
+    _stop.set()
+    try:
+        if _heads is not None:
+            _heads.save_all()
+        if _store is not None:
+            _store.sync()
+            _store.close()
+    except Exception as exc:
+        nbdkit.debug(f"cleanup: pending writes not saved: {exc}")
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:

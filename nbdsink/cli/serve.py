@@ -7,7 +7,9 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,9 @@ def register(sub: Any) -> None:
                    help="nbdkit threads per connection (default 16)")
     p.add_argument("--map-size", metavar="SIZE", default=None,
                    help="initial LMDB map size (it grows by itself while the disk has room)")
+    p.add_argument("--batch-size", metavar="SIZE", default=None,
+                   help="pending writes kept in memory per volume before they are saved to the "
+                        "store (default 64M); a FLUSH always saves and commits them")
     add_store_argument(p)
     p.set_defaults(func=cmd_serve)
 
@@ -51,7 +56,9 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
     if nbdkit is None:
         raise NbdsinkError("nbdkit is not installed (Debian: apt-get install nbdkit "
                            "nbdkit-plugin-python)")
-    cmd = [nbdkit, "--foreground", "--threads", str(args.threads)]
+    # --exit-with-parent: if `nbdsink serve` itself dies, nbdkit does not linger holding
+    # the store and the socket.
+    cmd = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(args.threads)]
     if args.verbose:
         cmd.append("--verbose")
     if args.listen:
@@ -70,6 +77,8 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
     cmd += ["python", str(PLUGIN), f"store={store}"]
     if args.map_size:
         cmd.append(f"map_size={args.map_size}")
+    if args.batch_size:
+        cmd.append(f"batch_size={args.batch_size}")
     return cmd
 
 
@@ -112,7 +121,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env["NBDSINK_SITE_DIRS"] = os.pathsep.join(site_dirs)
     where = args.listen or args.socket or "/run/nbdsink.sock"
     print(f"nbdsink: serving {store} on {where}", file=sys.stderr, flush=True)
-    # nbdkit takes over this process: SIGTERM/SIGINT reach it directly, and it closes the
-    # store cleanly (saving pending writes) before it exits.
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # not reached
+    return supervise(cmd, env)
+
+
+STOP_GRACE_SECONDS = 5.0
+
+
+def supervise(cmd: list[str], env: dict[str, str]) -> int:
+    """Run nbdkit until it exits or we are told to stop.
+
+    On SIGTERM/SIGINT nbdkit is asked to stop; it saves pending writes and closes the store
+    once its clients are gone. nbdkit waits for connected clients indefinitely, so after a
+    grace period it is killed: committed versions are never at risk (they are durable before
+    FLUSH returns), and the plugin saves idle pending writes every second on its own.
+    """
+    proc = subprocess.Popen(cmd, env=env)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while True:
+        try:
+            code = proc.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if stopping:
+                try:
+                    code = proc.wait(timeout=STOP_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    code = 0
+                break
+    if stopping:
+        print("nbdsink: server stopped", file=sys.stderr, flush=True)
+        return 0
+    if code != 0:
+        print(f"nbdsink: error: nbdkit exited with status {code}", file=sys.stderr)
+    return code

@@ -6,13 +6,15 @@ callbacks to method calls and exceptions (each carrying ``errno``) to ``nbdkit.s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
+import time
 
 from nbdsink.errors import NbdsinkError
 from nbdsink.server.exports import ExportName, parse_export_name
 from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
-from nbdsink.store.head import Head, block_is_data, read_into
+from nbdsink.store.head import DEFAULT_BATCH_BYTES, Head, block_is_data, read_into
 
 MAX_REQUEST = 32 << 20
 """Largest request advertised: the Linux nbd driver and qemu-nbd both stop at 32 MiB."""
@@ -39,8 +41,9 @@ class Heads:
     them wrote (that is what makes advertising multi-conn correct).
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, batch_bytes: int | None = None) -> None:
         self.store = store
+        self.batch_bytes = batch_bytes or DEFAULT_BATCH_BYTES
         self._heads: dict[str, Head] = {}
         self._lock = threading.Lock()
 
@@ -48,7 +51,7 @@ class Heads:
         with self._lock:
             head = self._heads.get(volume.name)
             if head is None:
-                head = self._heads[volume.name] = Head(self.store, volume)
+                head = self._heads[volume.name] = Head(self.store, volume, self.batch_bytes)
             return head
 
     def save_all(self) -> None:
@@ -56,6 +59,26 @@ class Heads:
         with self._lock:
             for head in self._heads.values():
                 head.save()
+
+    def save_idle(self, idle_seconds: float) -> None:
+        """Save the batches of heads nobody wrote to for ``idle_seconds``.
+
+        Run periodically, this bounds what a hard stop can drop to the writes of the last
+        moments before it, even when a client stays connected without flushing.
+        """
+        now = time.monotonic()
+        with self._lock:
+            heads = list(self._heads.values())
+        for head in heads:
+            if head.unsaved and now - head.last_write >= idle_seconds:
+                head.save()
+
+    def run_idle_saver(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:
+        """Loop of :meth:`save_idle` until ``stop`` is set (run it in a daemon thread)."""
+        while not stop.wait(idle_seconds / 2):
+            # A full disk: the client sees ENOSPC on its next write or FLUSH.
+            with contextlib.suppress(NbdsinkError):
+                self.save_idle(idle_seconds)
 
 
 def export_list(store: Store) -> list[tuple[str, str]]:

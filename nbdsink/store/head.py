@@ -13,6 +13,7 @@ nothing of unflushed writes), and nothing half-written is ever visible in a comm
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import lmdb
@@ -80,6 +81,7 @@ class Head:
         self._blocks: Overlay = {}
         self._data: dict[bytes, bytes] = {}
         self._data_bytes = 0
+        self.last_write = time.monotonic()
         self._counters = store.write(lambda txn: store.pending_counters(txn, volume))
         self.zero_block = bytes(volume.block_size)
 
@@ -146,6 +148,7 @@ class Head:
             self._stage(staged)
 
     def _stage(self, staged: Iterable[tuple[int, bytes | None, bytes | None]]) -> None:
+        self.last_write = time.monotonic()
         for block, digest, piece in staged:
             self._blocks[block] = digest
             if digest is not None and digest not in self._data:
@@ -154,6 +157,10 @@ class Head:
                 self._data_bytes += len(piece)
         if self._data_bytes >= self.batch_bytes:
             self.save()
+
+    @property
+    def unsaved(self) -> bool:
+        return bool(self._blocks)
 
     def save(self) -> None:
         """Save the in-memory batch to LMDB as part of the pending version."""

@@ -248,9 +248,9 @@ class Store:
         used = (self.path / "data.mdb").stat().st_size
         # Growing only changes the address space LMDB may use; the file grows as pages are
         # written. Still cap at what the disk can hold, so a full disk reads as ENOSPC here
-        # rather than as a SIGBUS or a surprise later.
-        target = min(current * 2, used + free - (16 << 20))
-        if target <= current:
+        # rather than as a surprise later.
+        target = min(current * 2, used + free)
+        if target < current + (1 << 20):
             raise StoreFull(
                 f"store at {self.path} is full: {free >> 20} MiB free on disk, "
                 f"map at {current >> 20} MiB"

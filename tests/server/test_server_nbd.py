@@ -216,6 +216,20 @@ def test_clean_stop_keeps_pending_writes(server: ServerProcess) -> None:
     assert len(versions(server)) == 1
 
 
+def test_sigterm_with_a_client_still_connected(server: ServerProcess) -> None:
+    """SIGTERM stops the server even while a client stays connected, and writes it left
+    unflushed but idle are still pending in the head afterwards."""
+    h = connect(server.uri("vol"))
+    h.pwrite(b"q" * BS, BS)
+    time.sleep(1.6)  # idle long enough for the periodic save
+    assert server.stop() == 0
+    server.start()
+    h2 = connect(server.uri("vol"))
+    assert h2.pread(BS, BS) == b"q" * BS
+    h2.flush()
+    assert versions(server)[-1]["blocks_changed"] == 1
+
+
 def test_second_server_on_same_store_is_refused(server: ServerProcess, tmp_path: Path) -> None:
     run = run_cli("serve", "--store", str(server.store), "--socket", str(tmp_path / "other.sock"),
                   check=False)

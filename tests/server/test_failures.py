@@ -1,0 +1,164 @@
+"""Failure paths: kill -9 during ingest, a full disk, a full LMDB map."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from nbdsink.testing import ServerProcess, run_cli
+
+BS = 65536
+SIZE = 16 << 20
+
+
+def connect(uri: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def committed(srv: ServerProcess) -> list[int]:
+    out = run_cli("versions", "vol", "--json", "--store", str(srv.store)).stdout
+    return [int(v["version"]) for v in json.loads(out)]
+
+
+def digest_of(srv: ServerProcess, export: str) -> str:
+    h = connect(srv.uri(export))
+    try:
+        return hashlib.sha256(h.pread(SIZE, 0)).hexdigest()
+    finally:
+        h.shutdown()
+
+
+def test_kill9_during_ingest_at_random_moments(tmp_path: Path) -> None:
+    """Every acknowledged FLUSH survives; every committed version is byte-identical to what
+    was flushed; the store always reopens. The batch is small so that kills also land in the
+    middle of batch saves, not only between requests."""
+    rng = random.Random(2026)
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--batch-size", "512K")
+    srv.create_volume("vol", SIZE, BS)
+    expected: dict[int, str] = {}  # version -> sha256 of the image flushed as that version
+    acknowledged: set[int] = set()
+    checked: set[int] = set()
+    for _ in range(10):
+        srv.start()
+        known = committed(srv)
+        assert known == list(range(1, len(known) + 1))
+        assert acknowledged <= set(known), "an acknowledged FLUSH was lost"
+        for v in known:
+            if v not in checked:
+                assert digest_of(srv, f"vol@{v}") == expected[v], f"version {v} differs"
+                checked.add(v)
+        # The head resumes from the committed version plus whatever pending writes were saved.
+        h0 = connect(srv.uri("vol"))
+        model = bytearray(h0.pread(SIZE, 0))
+        h0.shutdown()
+        next_version = len(known) + 1
+
+        def writer(model: bytearray = model, start: int = next_version) -> None:
+            version = start
+            try:
+                h = connect(srv.uri("vol"))
+                while True:
+                    for _ in range(rng.randint(1, 6)):
+                        length = rng.randint(1, 1 << 20)
+                        off = rng.randrange(0, SIZE - length)
+                        data = rng.randbytes(length)
+                        h.pwrite(data, off)
+                        model[off : off + length] = data
+                    expected[version] = hashlib.sha256(model).hexdigest()
+                    h.flush()
+                    acknowledged.add(version)
+                    version += 1
+            except nbd.Error:
+                return  # the server was killed under us
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(rng.uniform(0.05, 1.2))
+        srv.kill()
+        t.join(timeout=30)
+        assert not t.is_alive()
+    srv.start()
+    final = committed(srv)
+    assert acknowledged <= set(final) and len(acknowledged) >= 10
+    for v in final:
+        if v not in checked:
+            assert digest_of(srv, f"vol@{v}") == expected[v]
+    srv.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB filesystem (tmpfs with a size limit) that the store will fill."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("batch", ["64M", "256K"])
+def test_full_disk_gives_enospc_and_keeps_versions(small_fs: Path, tmp_path: Path,
+                                                   batch: str) -> None:
+    srv = ServerProcess(small_fs / "store", tmp_path / "nbd.sock", "--batch-size", batch,
+                        "--map-size", "1M")
+    run_cli("volume", "create", "vol", "--size", "64M", "--store", str(srv.store))
+    rng = random.Random(1)
+    good: dict[int, bytes] = {}
+    with srv:
+        h = connect(srv.uri("vol"))
+        model = bytearray(64 << 20)
+        failure: nbd.Error | None = None
+        for step in range(64):
+            off = step << 20
+            data = rng.randbytes(1 << 20)
+            try:
+                h.pwrite(data, off)
+                model[off : off + len(data)] = data
+                if step % 4 == 3:
+                    h.flush()
+                    good[len(good) + 1] = bytes(model[: (step + 1) << 20])
+            except nbd.Error as exc:
+                failure = exc
+                break
+        assert failure is not None, "the disk never filled"
+        assert failure.errnum == errno.ENOSPC, failure
+        assert good, "nothing was committed before the disk filled"
+        assert srv.alive
+        # the server keeps serving, and every committed version is intact
+        for version, image in good.items():
+            v = connect(srv.uri(f"vol@{version}"))
+            assert v.pread(len(image), 0) == image
+            v.shutdown()
+        listing = subprocess.run(["nbdinfo", "--list", srv.uri("")], capture_output=True,
+                                 text=True)
+        assert listing.returncode == 0
+        h.shutdown()
+    # and the store reopens cleanly after the server stopped
+    assert [int(v["version"]) for v in json.loads(
+        run_cli("versions", "vol", "--json", "--store", str(srv.store)).stdout)] == list(good)
+
+
+def test_lmdb_map_grows_while_the_disk_has_room(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--map-size", "1M",
+                        "--batch-size", "1M")
+    srv.create_volume("vol", SIZE, BS)
+    image = random.Random(4).randbytes(SIZE)
+    (tmp_path / "img").write_bytes(image)
+    with srv:
+        subprocess.run(["nbdcopy", "--flush", str(tmp_path / "img"), srv.uri("vol")], check=True)
+        assert digest_of(srv, "vol@1") == hashlib.sha256(image).hexdigest()
