@@ -4,7 +4,7 @@ Starts ``nbdkit memory`` on a unix socket, fills it once (untimed, so every time
 overwrites allocated memory), then times: nbdcopy writing a file from /dev/shm, the client
 writing the same bytes from memory, nbdcopy reading to ``null:``, the client reading into one
 buffer. Prints MiB/s and the client/nbdcopy ratio (higher is better; 1.0 = as fast as
-nbdcopy). Each figure is the best of ``--repeat`` runs.
+nbdcopy). Each figure is the best of ``--repeat`` interleaved rounds.
 
     .venv/bin/python bench/bench_nbd_client.py [--size-mib 1024] [--window 16]
         [--request-mib 4] [--repeat 3]
@@ -28,13 +28,10 @@ from nbdsink.nbd import connect
 MiB = 1024 * 1024
 
 
-def best_of(repeat: int, run: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -84,15 +81,20 @@ def main() -> int:
                 ) as conn:
                     await conn.pread_into(target, 0)
 
+            # Interleaved rounds, so a busy moment on the machine hits both sides alike.
+            timings: dict[str, list[float]] = {}
+            runs: list[tuple[str, Callable[[], None]]] = [
+                ("nbdcopy write", nbdcopy_write),
+                ("client write", lambda: trio.run(client_write)),
+                ("nbdcopy read", nbdcopy_read),
+                ("client read", lambda: trio.run(client_read)),
+            ]
+            for _ in range(args.repeat):
+                for name, run in runs:
+                    timings.setdefault(name, []).append(timed(run))
             results = {
-                "write": (
-                    best_of(args.repeat, nbdcopy_write),
-                    best_of(args.repeat, lambda: trio.run(client_write)),
-                ),
-                "read": (
-                    best_of(args.repeat, nbdcopy_read),
-                    best_of(args.repeat, lambda: trio.run(client_read)),
-                ),
+                kind: (min(timings[f"nbdcopy {kind}"]), min(timings[f"client {kind}"]))
+                for kind in ("write", "read")
             }
             if target != data:
                 print("read-back differs from what was written", file=sys.stderr)

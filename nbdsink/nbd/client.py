@@ -569,11 +569,13 @@ class Connection:
                 while True:
                     event = proto.next_event()
                     if event is NEED_DATA:
-                        view = proto.receive_buffer() if self._socket is not None else None
-                        if view is not None and self._socket is not None:
+                        if self._socket is None:  # TLS: decrypted bytes come as bytes
+                            proto.receive_data(await self._stream.receive_some(_RECEIVE_SIZE))
+                        elif (view := proto.receive_buffer()) is not None:
                             proto.received_into(await self._socket.recv_into(view))
                         else:
-                            proto.receive_data(await self._stream.receive_some(_RECEIVE_SIZE))
+                            size = proto.receive_size(_RECEIVE_SIZE)
+                            proto.receive_data(await self._stream.receive_some(size))
                     elif isinstance(event, Reply):
                         self._deliver(event)
                     elif isinstance(event, ConnectionClosed):

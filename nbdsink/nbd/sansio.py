@@ -52,6 +52,12 @@ class State(enum.Enum):
     ERROR = "failed"
 
 
+_LARGE_READ = 64 * 1024
+"""READ payloads at least this large are received directly into their buffer."""
+_HEADER_READ = p.STRUCTURED_HEADER.size + 8 + 4
+"""A structured header plus an OFFSET_DATA offset (a simple header is shorter), rounded up."""
+
+
 class _Rx(enum.Enum):
     """What the transmission-phase parser waits for."""
 
@@ -144,6 +150,7 @@ class ClientConnection:
         self._info_description: str | None = None
         self._next_cookie = 1
         self._inflight: dict[int, _InFlight] = {}
+        self._large_reads = 0  # READs in flight whose payload is worth a recv_into
         # transmission-phase receive state
         self._rx = _Rx.HEADER
         self._sink: memoryview | None = None
@@ -190,6 +197,17 @@ class ClientConnection:
         if self._sink is None or n > self._sink_end - self._sink_pos:
             raise LocalProtocolError("received_into() without a matching receive_buffer()")
         self._sink_pos += n
+
+    def receive_size(self, default: int) -> int:
+        """How many bytes the transport should ask for next.
+
+        While large reads are in flight, just enough for the next reply header (and a data
+        chunk's offset): their payloads then go straight to the caller's buffer through
+        :meth:`receive_buffer` instead of being copied out of a big intermediate read.
+        """
+        if self._large_reads and self._sink is None:
+            return _HEADER_READ
+        return default
 
     @property
     def in_flight(self) -> int:
@@ -323,6 +341,8 @@ class ClientConnection:
         elif into is not None:
             raise LocalProtocolError("only READ takes a target buffer")
         self._inflight[cookie] = _InFlight(command, offset, length, buffer)
+        if command == p.NBD_CMD_READ and length >= _LARGE_READ:
+            self._large_reads += 1
         return cookie, p.REQUEST.pack(p.REQUEST_MAGIC, flags, command, cookie, offset, length)
 
     def disconnect(self) -> bytes:
@@ -790,6 +810,8 @@ class ClientConnection:
 
     def _complete(self, cookie: int) -> Reply:
         req = self._inflight.pop(cookie)
+        if req.command == p.NBD_CMD_READ and req.length >= _LARGE_READ:
+            self._large_reads -= 1
         if req.error:
             return Reply(
                 cookie,
