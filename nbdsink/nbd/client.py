@@ -272,8 +272,6 @@ class Connection:
     def __init__(
         self, channel: _Channel, export: ExportReady, *, window: int, request_size: int
     ) -> None:
-        if window < 1:
-            raise LocalProtocolError("window must be at least 1")
         self._stream = channel.stream
         # Plain sockets let large read payloads land straight in the caller's buffer.
         socket_stream = channel.stream
@@ -311,6 +309,7 @@ class Connection:
         self._failure: NBDError | None = None
         self._closed = False
         self._reader_scope: trio.CancelScope | None = None
+        self._recv_scope: trio.CancelScope | None = None  # a recv_into a caller's buffer
 
     # ---- public I/O ----------------------------------------------------------------------
 
@@ -515,6 +514,7 @@ class Connection:
                             await self._stream.send_all(data)
                     except _STREAM_ERRORS as exc:
                         self._fail(_io_error(exc, f"sending {p.command_name(command)}"))
+                        await trio.aclose_forcefully(self._stream)  # stops the reader too
         finally:
             if not registered:
                 self._window.release()
@@ -522,6 +522,11 @@ class Connection:
             await pending.done.wait()
         except BaseException:
             pending.abandoned = True  # its reply will be read and dropped
+            if command == p.NBD_CMD_READ and not pending.done.is_set():
+                self._proto.discard_read(cookie)
+                if self._recv_scope is not None:
+                    # The reader may be parked in recv_into() on the caller's buffer.
+                    self._recv_scope.cancel()
             raise
         if pending.failure is not None:
             raise _copy_error(pending.failure) from pending.failure
@@ -549,7 +554,9 @@ class Connection:
         self._idle.set()
 
     def _deliver(self, reply: Reply) -> None:
-        entry = self._pending.pop(reply.cookie)
+        entry = self._pending.pop(reply.cookie, None)
+        if entry is None:
+            return  # the connection failed meanwhile; every waiter has been told
         self._window.release()
         if not self._pending:
             self._idle.set()
@@ -572,7 +579,9 @@ class Connection:
                         if self._socket is None:  # TLS: decrypted bytes come as bytes
                             proto.receive_data(await self._stream.receive_some(_RECEIVE_SIZE))
                         elif (view := proto.receive_buffer()) is not None:
-                            proto.received_into(await self._socket.recv_into(view))
+                            with trio.CancelScope() as self._recv_scope:
+                                proto.received_into(await self._socket.recv_into(view))
+                            self._recv_scope = None
                         else:
                             size = proto.receive_size(_RECEIVE_SIZE)
                             proto.receive_data(await self._stream.receive_some(size))
@@ -600,6 +609,8 @@ async def open_connection(
     request_size: int = DEFAULT_REQUEST_SIZE,
 ) -> Connection:
     """Connect and start the reply reader in ``nursery``; close with :meth:`Connection.aclose`."""
+    if window < 1:
+        raise LocalProtocolError("window must be at least 1")
     export: list[ExportReady] = []
 
     async def go(channel: _Channel) -> None:

@@ -345,6 +345,17 @@ class ClientConnection:
             self._large_reads += 1
         return cookie, p.REQUEST.pack(p.REQUEST_MAGIC, flags, command, cookie, offset, length)
 
+    def discard_read(self, cookie: int) -> None:
+        """Nobody wants this READ's data any more: the rest of its payload goes to a
+        scratch buffer, never into the caller's (which it may already be reusing)."""
+        req = self._inflight.get(cookie)
+        if req is None or req.buffer is None:
+            return
+        scratch = bytearray(req.length)
+        req.buffer = scratch
+        if self._sink is not None and self._cookie == cookie:
+            self._sink = memoryview(scratch)  # same offsets: both start at the request
+
     def disconnect(self) -> bytes:
         """``NBD_CMD_DISC``: no more requests; replies still in flight may arrive."""
         self._require(State.TRANSMISSION)

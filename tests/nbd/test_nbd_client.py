@@ -162,7 +162,18 @@ async def test_cancelled_request_leaves_the_connection_usable(servers: Servers) 
         await conn.pwrite(data[::-1], 0)
         assert await conn.pread(8192, 0) == data[::-1]
         assert conn._pending == {}
-    # Closing waited for nothing that is lost and left no task behind (the nursery is done).
+
+
+async def test_cancelled_read_never_writes_into_the_callers_buffer(servers: Servers) -> None:
+    uri = servers.nbdkit("--filter=delay", "memory", "4M", "delay-read=300ms")
+    async with connect(uri) as conn:
+        await conn.pwrite(b"\xee" * 65536, 0)
+        buffer = bytearray(65536)
+        with trio.move_on_after(0.05):
+            await conn.pread_into(buffer, 0)
+        buffer[:] = b"\x11" * 65536  # reused at once, as a caller may
+    # Leaving the block waited for the abandoned reply: it went to scratch, not to `buffer`.
+    assert buffer == b"\x11" * 65536
 
 
 async def test_qemu_nbd_export(servers: Servers, tmp_path: Path) -> None:
