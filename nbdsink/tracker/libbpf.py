@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -207,7 +208,18 @@ def recursion_misses(prog_fd: int) -> int:
     return int.from_bytes(info.raw[_RECURSION_MISSES_OFFSET : _RECURSION_MISSES_OFFSET + 8], "little")
 
 
-# struct bpf_prog_info (linux/bpf.h): recursion_misses sits at this offset since Linux 5.12.
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    """(total run time in ns, number of runs) of a program; counted only while the sysctl
+    ``kernel.bpf_stats_enabled`` is 1 (benchmarks)."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    size = ctypes.c_uint32(len(info))
+    _check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ctypes.byref(size)), "reading program info")
+    ns, cnt = struct.unpack_from("<QQ", info.raw, _RUN_TIME_OFFSET)
+    return int(ns), int(cnt)
+
+
+# struct bpf_prog_info (linux/bpf.h): run_time_ns, run_cnt, then recursion_misses (5.12+).
+_RUN_TIME_OFFSET = 192
 _RECURSION_MISSES_OFFSET = 208
 _PROG_INFO_SIZE = 232
 
