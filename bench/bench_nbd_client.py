@@ -3,7 +3,8 @@
 Starts ``nbdkit memory`` on a unix socket, fills it once (untimed, so every timed write
 overwrites allocated memory), then times: nbdcopy writing a file from /dev/shm, the client
 writing the same bytes from memory, nbdcopy reading to ``null:``, the client reading into one
-buffer. Prints MiB/s and the client/nbdcopy ratio (higher is better; 1.0 = as fast as
+buffer. nbdcopy runs twice each time: with its defaults (4 connections, as the server
+advertises multi-conn) and with ``--connections=1``, like the client. Prints MiB/s and the client/nbdcopy ratio (higher is better; 1.0 = as fast as
 nbdcopy). Each figure is the best of ``--repeat`` interleaved rounds.
 
     .venv/bin/python bench/bench_nbd_client.py [--size-mib 1024] [--window 16]
@@ -67,6 +68,13 @@ def main() -> int:
             def nbdcopy_read() -> None:
                 subprocess.run(["nbdcopy", uri, "null:"], check=True)
 
+            # nbdcopy opens 4 connections (multi-conn) by default; the client uses one.
+            def nbdcopy_write_1() -> None:
+                subprocess.run(["nbdcopy", "--connections=1", str(image), uri], check=True)
+
+            def nbdcopy_read_1() -> None:
+                subprocess.run(["nbdcopy", "--connections=1", uri, "null:"], check=True)
+
             async def client_write() -> None:
                 async with connect(
                     uri, window=args.window, request_size=args.request_mib * MiB
@@ -85,17 +93,16 @@ def main() -> int:
             timings: dict[str, list[float]] = {}
             runs: list[tuple[str, Callable[[], None]]] = [
                 ("nbdcopy write", nbdcopy_write),
+                ("nbdcopy -C1 write", nbdcopy_write_1),
                 ("client write", lambda: trio.run(client_write)),
                 ("nbdcopy read", nbdcopy_read),
+                ("nbdcopy -C1 read", nbdcopy_read_1),
                 ("client read", lambda: trio.run(client_read)),
             ]
             for _ in range(args.repeat):
                 for name, run in runs:
                     timings.setdefault(name, []).append(timed(run))
-            results = {
-                kind: (min(timings[f"nbdcopy {kind}"]), min(timings[f"client {kind}"]))
-                for kind in ("write", "read")
-            }
+            best = {name: min(times) for name, times in timings.items()}
             if target != data:
                 print("read-back differs from what was written", file=sys.stderr)
                 return 1
@@ -107,11 +114,14 @@ def main() -> int:
         f"{args.size_mib} MiB via nbdkit memory, window {args.window}, "
         f"requests of {args.request_mib} MiB, best of {args.repeat}"
     )
-    for name, (reference, ours) in results.items():
-        print(
-            f"{name:5}  nbdcopy {size / MiB / reference:7.0f} MiB/s   "
-            f"client {size / MiB / ours:7.0f} MiB/s   ratio {reference / ours:.2f}x"
-        )
+    for kind in ("write", "read"):
+        ours = best[f"client {kind}"]
+        for reference in (f"nbdcopy {kind}", f"nbdcopy -C1 {kind}"):
+            print(
+                f"{kind:5}  {reference.rsplit(' ', 1)[0]:11} {size / MiB / best[reference]:6.0f} "
+                f"MiB/s   client {size / MiB / ours:6.0f} MiB/s   "
+                f"ratio {best[reference] / ours:.2f}x"
+            )
     return 0
 
 
