@@ -60,6 +60,10 @@ class Freezer(Protocol):
 
     mountpoint: str
 
+    async def sync(self) -> None:
+        """Write dirty page-cache data to the device, so the tracker sees it (no freeze)."""
+        ...
+
     async def before(self) -> None: ...
 
     async def freeze(self) -> None: ...
@@ -253,6 +257,7 @@ class Cycle:
     async def _run_frozen(self, full: bool, freezer: Freezer) -> CycleResult:
         opts = self.options
         stats = TransferStats()
+        await freezer.sync()
         ds = await self._checkpoint()
         extents = self._initial(ds, full)
         compare = full

@@ -25,6 +25,7 @@ from nbdsink.sender.backoff import Backoff
 from nbdsink.sender.cycle import Cycle, CycleOptions, CycleResult, FreezeBudgetExceeded, iso
 from nbdsink.sender.device import Device
 from nbdsink.sender.errors import DeviceError, FreezeError, HookError, RemoteError, StateError
+from nbdsink.sender.groups import open_nursery
 from nbdsink.sender.ratelimit import RateLimiter
 from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
 from nbdsink.sender.state import CycleRecord, SenderState, StateDir
@@ -311,7 +312,7 @@ async def replicate(options: ReplicateOptions) -> None:
     replicator = Replicator(options)
     with StateDir(options.state_dir).locked():
         replicator.prepare()
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

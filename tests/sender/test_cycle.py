@@ -114,6 +114,9 @@ class GateFreezer:
         self.snapshots: list[bytes] = []
         self.calls: list[str] = []
 
+    async def sync(self) -> None:
+        self.calls.append("sync")
+
     async def before(self) -> None:
         self.calls.append("pre")
 
@@ -162,7 +165,7 @@ async def test_frozen_versions_equal_the_device_at_the_freeze(rig) -> None:  # t
     for version, snapshot in zip(remote.versions, freezer.snapshots, strict=True):
         assert version.consistency == "frozen" and "frozen_at" in version.labels
         assert version.image == snapshot
-    assert freezer.calls[:4] == ["pre", "freeze", "thaw", "post"]
+    assert freezer.calls[:5] == ["sync", "pre", "freeze", "thaw", "post"]
 
 
 async def test_a_freeze_that_never_fits_thaws_and_keeps_everything(rig) -> None:  # type: ignore[no-untyped-def]
@@ -181,6 +184,7 @@ async def test_a_freeze_that_never_fits_thaws_and_keeps_everything(rig) -> None:
         await cycle.run(full=True)
     assert freezer.open.is_set()  # thawed
     assert freezer.calls.count("freeze") == freezer.calls.count("thaw") == 2
+    assert freezer.calls[0] == "sync"
     assert remote.versions == []
     saved = state_dir.load()
     assert saved is not None and saved.pending == [(0, SIZE)]
