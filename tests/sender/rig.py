@@ -82,6 +82,14 @@ class Sender:
         self.process = subprocess.Popen([*NBDSINK, "replicate", *args], cwd=REPO,
                                         stdout=self._out, stderr=subprocess.STDOUT)
 
+    @staticmethod
+    def command() -> list[str]:
+        return [*NBDSINK, "replicate"]
+
+    @staticmethod
+    def cwd() -> Path:
+        return REPO
+
     def text(self) -> str:
         return self.log.read_text()
 
