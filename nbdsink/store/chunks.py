@@ -19,13 +19,19 @@ HEADER_SIZE = _HEADER.size
 DIGEST_SIZE = 32
 
 
-def digest(data: bytes | memoryview) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     """The chunk's content address: its blake3 digest."""
     return blake3.blake3(data).digest()
 
 
-def encode_chunk(data: bytes | memoryview) -> bytes:
-    return _HEADER.pack(CHUNK_FORMAT, CODEC_RAW, len(data)) + bytes(data)
+def encode_chunk(data: bytes | bytearray | memoryview, pad_to: int = 0) -> bytearray:
+    """Header and data in one buffer (one copy of ``data``), zero-padded to ``pad_to`` bytes
+    of data when ``data`` is shorter (the partial last block of a volume)."""
+    length = max(len(data), pad_to)
+    out = bytearray(HEADER_SIZE + length)
+    _HEADER.pack_into(out, 0, CHUNK_FORMAT, CODEC_RAW, length)
+    out[HEADER_SIZE : HEADER_SIZE + len(data)] = data
+    return out
 
 
 def decode_chunk(stored: bytes | memoryview) -> memoryview:

@@ -1,35 +1,57 @@
 """Reading versions and writing the head (the pending version) of a volume.
 
 :func:`read_into` serves every read: historic versions straight from the map, the head through
-an overlay of the writes not yet saved to LMDB.
+overlays of the writes not yet saved to LMDB.
 
 :class:`Head` batches writes in memory and saves them to LMDB as the pending version when the
 batch grows past a bound, so the fsync that a durable LMDB commit costs is paid once per batch,
-not once per NBD request. A commit (an NBD FLUSH) saves the batch and writes the version record
-in one transaction. Pending writes saved to LMDB survive a crash and resume as the pending
-version of the next server process; the in-memory batch does not (an NBD client may assume
-nothing of unflushed writes), and nothing half-written is ever visible in a committed version.
+not once per NBD request. Two batches exist at most: one filling while the previous one is
+being saved, so ingest goes on during the save (the LMDB commit releases the GIL). A commit
+(an NBD FLUSH) saves the batch and writes the version record in one transaction. Pending writes
+saved to LMDB survive a crash and resume as the pending version of the next server process; an
+unsaved batch does not (an NBD client may assume nothing of unflushed writes), and nothing
+half-written is ever visible in a committed version.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import lmdb
 
+from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
 from nbdsink.store.store import PendingCounters, Store, VersionInfo, VolumeInfo
 
 DEFAULT_BATCH_BYTES = 64 << 20
 
-Overlay = dict[int, bytes | None]
-"""block -> digest (None: all zeros), for writes not yet saved to LMDB."""
+
+@dataclass
+class Batch:
+    """Writes not yet saved to LMDB: block -> digest (None: zeros), digest -> encoded chunk.
+
+    A digest without an entry in ``chunks`` is already in the store (it was looked up when
+    the block was written), so a duplicate block costs no copy and no memory.
+    """
+
+    blocks: dict[int, bytes | None] = field(default_factory=dict)
+    chunks: dict[bytes, bytearray] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def absorb(self, newer: Batch) -> None:
+        """Fold a newer batch into this one (used to put back a batch whose save failed)."""
+        self.blocks.update(newer.blocks)
+        self.chunks.update(newer.chunks)
+        self.nbytes += newer.nbytes
 
 
 def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, offset: int,
-              overlay: Overlay | None = None, overlay_data: dict[bytes, bytes] | None = None) -> None:
-    """Fill ``buf`` with the bytes of ``volume`` at ``version`` from ``offset``."""
+              overlays: Sequence[Batch] = ()) -> None:
+    """Fill ``buf`` with the bytes of ``volume`` at ``version`` from ``offset``; ``overlays``
+    (newest first) hold unsaved writes that take precedence over the map."""
     bs = volume.block_size
     length = len(buf)
     if length == 0:
@@ -39,35 +61,44 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
 
     def fill(txn: lmdb.Transaction) -> None:
         for block, digest in store.block_digests(txn, volume, version, first, count):
-            if overlay is not None and block in overlay:
-                digest = overlay[block]
+            digest, chunk = _overlay_lookup(overlays, block, digest)
             start = max(block * bs, offset)
             end = min((block + 1) * bs, offset + length)
             dst = buf[start - offset : end - offset]
             if digest is None:
                 dst[:] = bytes(len(dst))
                 continue
-            data: bytes | memoryview | None = None
-            if overlay_data is not None:
-                data = overlay_data.get(digest)
-            if data is None:
-                data = store.get_chunk(txn, digest)
-            dst[:] = data[start - block * bs : end - block * bs]
+            lo, hi = start - block * bs, end - block * bs
+            if chunk is not None:
+                dst[:] = memoryview(chunk)[HEADER_SIZE + lo : HEADER_SIZE + hi]
+            else:
+                dst[:] = store.get_chunk(txn, digest)[lo:hi]
 
     store.read(fill)
 
 
 def block_is_data(store: Store, volume: VolumeInfo, version: int, first: int, count: int,
-                  overlay: Overlay | None = None) -> list[bool]:
+                  overlays: Sequence[Batch] = ()) -> list[bool]:
     """For blocks first..first+count-1: True where the block holds data, False where zero."""
     def scan(txn: lmdb.Transaction) -> list[bool]:
-        out = []
-        for block, digest in store.block_digests(txn, volume, version, first, count):
-            if overlay is not None and block in overlay:
-                digest = overlay[block]
-            out.append(digest is not None)
-        return out
+        return [_overlay_lookup(overlays, block, digest)[0] is not None
+                for block, digest in store.block_digests(txn, volume, version, first, count)]
     return store.read(scan)
+
+
+def _overlay_lookup(overlays: Sequence[Batch], block: int, digest: bytes | None
+                    ) -> tuple[bytes | None, bytearray | None]:
+    for batch in overlays:
+        if block in batch.blocks:
+            found = batch.blocks[block]
+            if found is None:
+                return None, None
+            for b in overlays:
+                chunk = b.chunks.get(found)
+                if chunk is not None:
+                    return found, chunk
+            return found, None
+    return digest, None
 
 
 class Head:
@@ -78,36 +109,45 @@ class Head:
         self.store = store
         self.volume = volume
         self.batch_bytes = batch_bytes
-        self._blocks: Overlay = {}
-        self._data: dict[bytes, bytes] = {}
-        self._data_bytes = 0
-        self.last_write = time.monotonic()
+        # _lock guards the batches and makes read-modify-write of a partial block atomic;
+        # _save_lock keeps saves and commits in order, one at a time.
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._filling = Batch()
+        self._saving: Batch | None = None
         self._counters = store.write(lambda txn: store.pending_counters(txn, volume))
-        self.zero_block = bytes(volume.block_size)
+        self.last_write = time.monotonic()
+        zero = bytes(volume.block_size)
+        self._zero_digest = chunk_digest(zero)
 
     @property
     def pending_version(self) -> int:
         return self._counters.version
 
     @property
+    def unsaved(self) -> bool:
+        return bool(self._filling.blocks)
+
+    @property
     def has_pending(self) -> bool:
-        with self.store.lock:
-            return bool(self._blocks) or self._counters.blocks_changed > 0
+        return self.unsaved or self._saving is not None or self._counters.blocks_changed > 0
+
+    def _overlays(self) -> list[Batch]:
+        return [self._filling] if self._saving is None else [self._filling, self._saving]
 
     def read_into(self, buf: memoryview, offset: int) -> None:
-        with self.store.lock:
-            read_into(self.store, self.volume, self.pending_version, buf, offset,
-                      self._blocks, self._data)
+        with self._lock:
+            overlays, version = self._overlays(), self.pending_version
+        read_into(self.store, self.volume, version, buf, offset, overlays)
 
     def block_is_data(self, first: int, count: int) -> list[bool]:
-        with self.store.lock:
-            return block_is_data(self.store, self.volume, self.pending_version, first, count,
-                                 self._blocks)
+        with self._lock:
+            overlays, version = self._overlays(), self.pending_version
+        return block_is_data(self.store, self.volume, version, first, count, overlays)
 
     def write(self, data: memoryview, offset: int) -> None:
-        """Write ``data`` at ``offset``: whole blocks hashed outside the lock, partial blocks
-        read-modified-written under it (two sub-block writes to one block never lose each
-        other's bytes)."""
+        """Write ``data`` at ``offset``. ``data`` may be a view of a buffer that is reused
+        after this returns: whatever is kept is copied."""
         self._apply(offset, len(data), data)
 
     def zero(self, length: int, offset: int) -> None:
@@ -116,7 +156,7 @@ class Head:
     def _apply(self, offset: int, length: int, data: memoryview | None) -> None:
         bs = self.volume.block_size
         size = self.volume.size
-        staged: list[tuple[int, bytes | None, bytes | None]] = []
+        whole: list[tuple[int, bytes | None, memoryview | None]] = []
         partial: list[int] = []
         block = offset // bs
         end = offset + length
@@ -125,91 +165,138 @@ class Head:
             block_end = min(start + bs, size)
             if offset <= start and end >= block_end:
                 if data is None:
-                    staged.append((block, None, None))
+                    whole.append((block, None, None))
                 else:
-                    piece = bytes(data[start - offset : block_end - offset])
-                    if block_end - start < bs:
-                        piece += bytes(bs - (block_end - start))
-                    staged.append(_hashed(block, piece, self.zero_block))
+                    view = data[start - offset : block_end - offset]
+                    whole.append((block, self._digest(view), view))
             else:
                 partial.append(block)
             block += 1
-        with self.store.lock:
-            for block in partial:
-                current = bytearray(bs)
-                self.read_into(memoryview(current), block * bs)
-                start = max(block * bs, offset)
-                stop = min((block + 1) * bs, end)
-                if data is None:
-                    current[start - block * bs : stop - block * bs] = bytes(stop - start)
-                else:
-                    current[start - block * bs : stop - block * bs] = data[start - offset : stop - offset]
-                staged.append(_hashed(block, bytes(current), self.zero_block))
-            self._stage(staged)
-
-    def _stage(self, staged: Iterable[tuple[int, bytes | None, bytes | None]]) -> None:
-        self.last_write = time.monotonic()
-        for block, digest, piece in staged:
-            self._blocks[block] = digest
-            if digest is not None and digest not in self._data:
+        # Duplicates need no copy: look the digests up in the store first (outside the lock;
+        # chunks are never removed while a server runs, so the answer stays true).
+        known = self._known_chunks([d for _, d, _ in whole if d is not None])
+        staged: list[tuple[int, bytes | None, bytearray | None]] = []
+        for block, digest, piece in whole:
+            if digest is None or digest in known:
+                staged.append((block, digest, None))
+            else:
                 assert piece is not None
-                self._data[digest] = piece
-                self._data_bytes += len(piece)
-        if self._data_bytes >= self.batch_bytes:
-            self.save()
+                staged.append((block, digest, encode_chunk(piece, pad_to=bs)))
+        with self._lock:
+            for block in partial:
+                staged.append(self._modified_block(block, offset, end, data))
+            self._stage(staged)
+            full = self._filling.nbytes >= self.batch_bytes
+        if full:
+            self._save(only_if_full=True)
 
-    @property
-    def unsaved(self) -> bool:
-        return bool(self._blocks)
+    def _digest(self, view: memoryview) -> bytes | None:
+        """The block's digest, or None when it is all zeros (hashing tells us for free)."""
+        if len(view) < self.volume.block_size:
+            view = memoryview(bytes(view) + bytes(self.volume.block_size - len(view)))
+        digest = chunk_digest(view)
+        return None if digest == self._zero_digest else digest
+
+    def _known_chunks(self, digests: list[bytes]) -> set[bytes]:
+        if not digests:
+            return set()
+        overlays = self._overlays()
+        known = {d for d in digests if any(d in b.chunks for b in overlays)}
+        rest = [d for d in digests if d not in known]
+        if rest:
+            known.update(self.store.read(lambda txn: {d for d in rest if self.store.has_chunk(txn, d)}))
+        return known
+
+    def _modified_block(self, block: int, offset: int, end: int, data: memoryview | None
+                        ) -> tuple[int, bytes | None, bytearray | None]:
+        """Read-modify-write of a block that a request covers only in part (under _lock)."""
+        bs = self.volume.block_size
+        current = bytearray(bs)
+        read_into(self.store, self.volume, self.pending_version, memoryview(current), block * bs,
+                  self._overlays())
+        start = max(block * bs, offset)
+        stop = min((block + 1) * bs, end)
+        if data is None:
+            current[start - block * bs : stop - block * bs] = bytes(stop - start)
+        else:
+            current[start - block * bs : stop - block * bs] = data[start - offset : stop - offset]
+        digest = self._digest(memoryview(current))
+        return block, digest, (None if digest is None else encode_chunk(current))
+
+    def _stage(self, staged: list[tuple[int, bytes | None, bytearray | None]]) -> None:
+        self.last_write = time.monotonic()
+        batch = self._filling
+        for block, digest, chunk in staged:
+            batch.blocks[block] = digest
+            if chunk is not None and digest is not None and digest not in batch.chunks:
+                batch.chunks[digest] = chunk
+                batch.nbytes += len(chunk)
 
     def save(self) -> None:
-        """Save the in-memory batch to LMDB as part of the pending version."""
-        with self.store.lock:
-            if not self._blocks:
-                return
-            counters = self.store.write(self._save_in)
-            self._after_save(counters)
+        """Save the unsaved writes to LMDB as part of the pending version."""
+        self._save(only_if_full=False)
 
-    def _save_in(self, txn: lmdb.Transaction) -> PendingCounters:
-        # Work on a copy: if the transaction aborts (map full, disk full), the counters and
-        # the batch stay as they were and the next attempt redoes the whole batch.
-        counters = PendingCounters(**self._counters.__dict__)
-        for block, digest in self._blocks.items():
-            data = self._data.get(digest) if digest is not None else None
-            self.store.stage_block(txn, self.volume, counters, block, digest, data)
-        self.store.put_pending_counters(txn, self.volume, counters)
-        return counters
+    def _save(self, only_if_full: bool) -> None:
+        with self._save_lock:
+            with self._lock:
+                if not self._filling.blocks or (
+                        only_if_full and self._filling.nbytes < self.batch_bytes):
+                    return
+                batch = self._take_filling()
+            counters = self._write_batch(batch, lambda txn, c: None)[0]
+            with self._lock:
+                self._counters = counters
+                self._saving = None
 
-    def _after_save(self, counters: PendingCounters) -> None:
-        self._counters = counters
-        self._blocks = {}
-        self._data = {}
-        self._data_bytes = 0
+    def _take_filling(self) -> Batch:
+        batch = self._filling
+        self._saving = batch
+        self._filling = Batch()
+        return batch
+
+    def _write_batch(self, batch: Batch,
+                     then: Callable[[lmdb.Transaction, PendingCounters], VersionInfo | None]
+                     ) -> tuple[PendingCounters, VersionInfo | None]:
+        """Save ``batch`` (and run ``then`` in the same transaction). On failure the batch is
+        put back in front of the newer writes, and nothing in LMDB changed."""
+        def save_in(txn: lmdb.Transaction) -> tuple[PendingCounters, VersionInfo | None]:
+            # A copy: if the transaction aborts, the counters stay as they were.
+            counters = PendingCounters(**self._counters.__dict__)
+            for block, digest in batch.blocks.items():
+                chunk = batch.chunks.get(digest) if digest is not None else None
+                self.store.stage_block(txn, self.volume, counters, block, digest, chunk)
+            self.store.put_pending_counters(txn, self.volume, counters)
+            return counters, then(txn, counters)
+
+        try:
+            return self.store.write(save_in)
+        except BaseException:
+            with self._lock:
+                batch.absorb(self._filling)
+                self._filling = batch
+                self._saving = None
+            raise
 
     def commit(self, consistency: str = "none",
                labels: dict[str, str] | None = None) -> VersionInfo | None:
-        """Commit everything pending as the next version; None when nothing changed.
+        """Commit everything written so far as the next version; None when nothing changed.
 
         When this returns, the version is durable (fsynced, meta page included).
         """
-        with self.store.lock:
-            def commit_in(txn: lmdb.Transaction) -> tuple[PendingCounters, VersionInfo | None]:
-                counters = self._save_in(txn)
-                info = self.store.commit_pending(txn, self.volume, counters, consistency,
-                                                 dict(labels or {}))
-                return counters, info
+        def make_version(txn: lmdb.Transaction, counters: PendingCounters) -> VersionInfo | None:
+            return self.store.commit_pending(txn, self.volume, counters, consistency,
+                                             dict(labels or {}))
 
-            counters, info = self.store.write(commit_in)
-            self._after_save(counters)
+        with self._save_lock:
+            with self._lock:
+                batch = self._take_filling()
+            counters, info = self._write_batch(batch, make_version)
+            with self._lock:
+                self._saving = None
+                if info is not None:
+                    self._counters = PendingCounters(version=info.version + 1)
+                else:
+                    self._counters = PendingCounters(version=counters.version)
             if info is not None:
-                self._counters = PendingCounters(version=info.version + 1)
                 self.store.sync()
-            else:
-                self._counters = PendingCounters(version=counters.version)
             return info
-
-
-def _hashed(block: int, piece: bytes, zero_block: bytes) -> tuple[int, bytes | None, bytes | None]:
-    if piece == zero_block:
-        return block, None, None
-    return block, chunk_digest(piece), piece

@@ -19,8 +19,11 @@ commit, the meta page is not), which keeps the database intact across a system c
 cost of possibly losing the last transaction; :meth:`Store.sync` forces the meta page out, and a
 commit of a version always ends with it, so an acknowledged FLUSH is durable.
 
-Every LMDB access happens under :attr:`Store.lock`, because growing the map
-(``set_mapsize``) requires that no transaction of this process is open.
+Transactions run concurrently (readers never wait for the writer), but growing the map
+(``set_mapsize``) requires that no transaction of this process is open: every transaction
+holds :class:`_ResizeGuard` shared, a resize holds it exclusively. Write transactions are
+also serialised by a plain lock of ours, so a thread never blocks inside LMDB's own writer
+mutex while holding the GIL.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +43,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import decode_chunk, encode_chunk
+from nbdsink.store.chunks import HEADER_SIZE, decode_chunk
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -153,13 +157,52 @@ def validate_block_size(block_size: int) -> None:
         )
 
 
+class _ResizeGuard:
+    """Shared for transactions, exclusive for resizing the map."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
 class Store:
     """An open store directory. Thread-safe; one per process and directory."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
                  map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = Path(path)
-        self.lock = threading.RLock()
+        self._guard = _ResizeGuard()
+        self._write_lock = threading.Lock()
         exists = (self.path / "data.mdb").exists()
         if not exists and not create:
             raise StoreFormatError(
@@ -202,7 +245,7 @@ class Store:
             )
 
     def close(self) -> None:
-        with self.lock:
+        with self._write_lock, self._guard.exclusive():
             self.env.close()
 
     def __enter__(self) -> Store:
@@ -213,7 +256,7 @@ class Store:
 
     def sync(self) -> None:
         """Force everything committed so far (meta page included) to stable storage."""
-        with self.lock:
+        with self._guard.shared():
             try:
                 self.env.sync(True)
             except lmdb.Error as exc:
@@ -227,18 +270,20 @@ class Store:
         A full disk (or a map that cannot grow) aborts the transaction and raises StoreFull;
         everything committed before stays as it was.
         """
-        with self.lock:
+        with self._write_lock:
             while True:
                 try:
-                    with self.env.begin(write=True) as txn:
+                    with self._guard.shared(), self.env.begin(write=True) as txn:
                         return fn(txn)
                 except lmdb.MapFullError:
-                    self._grow_map()
+                    pass
                 except lmdb.Error as exc:
                     raise _translate(exc) from exc
+                with self._guard.exclusive():
+                    self._grow_map()
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        with self.lock, self.env.begin(buffers=True) as txn:
+        with self._guard.shared(), self.env.begin(buffers=True) as txn:
             return fn(txn)
 
     def _grow_map(self) -> None:
@@ -389,6 +434,9 @@ class Store:
         for zero_block in range(block, end):
             yield zero_block, None
 
+    def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
+        return txn.get(digest, db=self._chunks) is not None
+
     def get_chunk(self, txn: lmdb.Transaction, digest: bytes) -> memoryview:
         stored = txn.get(digest, db=self._chunks)
         if stored is None:
@@ -413,8 +461,10 @@ class Store:
 
     def stage_block(self, txn: lmdb.Transaction, volume: VolumeInfo,
                     counters: PendingCounters, block: int, digest: bytes | None,
-                    data: bytes | memoryview | None) -> None:
-        """Set ``block`` of the pending version to ``digest`` (None: all zeros).
+                    chunk: bytes | bytearray | None) -> None:
+        """Set ``block`` of the pending version to ``digest`` (None: all zeros); ``chunk`` is
+        the encoded chunk (see :func:`nbdsink.store.chunks.encode_chunk`) to store under
+        ``digest`` if the store does not hold it yet.
 
         A block set back to what the previous version holds leaves no entry, so a version
         records exactly the blocks that differ from its predecessor.
@@ -428,11 +478,11 @@ class Store:
                 txn.delete(pending_key, db=self._map)
                 counters.blocks_changed -= 1
             return
-        if digest is not None:
-            assert data is not None
-            if txn.put(digest, encode_chunk(data), db=self._chunks, overwrite=False):
-                counters.bytes_stored += len(data)
-                counters.chunks_stored += 1
+        # chunk None: the writer found the digest already stored and kept no copy.
+        if (digest is not None and chunk is not None
+                and txn.put(digest, chunk, db=self._chunks, overwrite=False)):
+            counters.bytes_stored += len(chunk) - HEADER_SIZE
+            counters.chunks_stored += 1
         txn.put(pending_key, digest or b"", db=self._map)
         if not had_pending:
             counters.blocks_changed += 1
