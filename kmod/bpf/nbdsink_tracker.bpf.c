@@ -31,6 +31,13 @@
  *    and the completed bio's own range is gone, the whole device is marked dirty (over-report,
  *    never lose).
  * The loader attaches only the hooks matching the device type.
+ *
+ * Every hook is attached twice (programs *_a and *_b, same code). The kernel skips a tracing
+ * program that is already running on the CPU, so a completion interrupting another on the
+ * same CPU would otherwise go unseen; with two copies, a nested event is still handled by the
+ * copy that is not running. Marking is idempotent, and the second copy finds the bits already
+ * set, so it costs little. Deeper nesting is caught by the loader, which compares the
+ * programs' recursion-miss counters at each checkpoint and then marks everything dirty.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -128,8 +135,9 @@ static long mark_word_cb(__u32 i, void *data)
 	return 0;
 }
 
-/* Mark sectors [sector, sector + nr) of the disk in the open generation. */
-static __always_inline void mark(__u64 sector, __u64 nr)
+/* Mark sectors [sector, sector + nr) of the disk in the open generation. A global function:
+ * the verifier checks it once, not once per call site (the discard walk calls it in a loop). */
+__noinline int mark(__u64 sector, __u64 nr)
 {
 	__u64 start = cfg.start_sect, end = cfg.start_sect + cfg.nr_sects;
 	__u64 s = sector, e = sector + nr;
@@ -139,20 +147,20 @@ static __always_inline void mark(__u64 sector, __u64 nr)
 	__u64 idx, nwords;
 
 	if (nr == 0 || e <= start || s >= end)
-		return;
+		return 0;
 	if (s < start)
 		s = start;
 	if (e > end)
 		e = end;
 	c = bpf_map_lookup_elem(&ctl, &zero);
 	if (!c)
-		return;
+		return 0;
 	lc.c0 = (s - start) >> cfg.chunk_shift;
 	lc.c1 = (e - 1 - start) >> cfg.chunk_shift;
 
 	/* The fetch variants are fully ordered atomics (see the comment at the top). */
 	if (__sync_fetch_and_add(&c->active, 1) == ~0ULL)
-		return;
+		return 0;
 	idx = *(volatile __u64 *)&c->seq & 1;
 	lc.base = (__u32)(idx * cfg.words);
 	lc.sbase = (__u32)(idx * cfg.swords);
@@ -169,6 +177,7 @@ static __always_inline void mark(__u64 sector, __u64 nr)
 			__sync_fetch_and_or(&c->overflow[1], 1);
 	}
 	__sync_fetch_and_sub(&c->active, 1);
+	return 0;
 }
 
 static __always_inline void mark_all(void)
@@ -188,23 +197,77 @@ static __always_inline bool changes_data(__u32 opf)
 	return (opf & NBDSINK_REQ_OP_MASK) & 1;
 }
 
-SEC("tp_btf/block_rq_complete")
-int BPF_PROG(on_rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+/* Walk the bios of a discard: a multi-range discard (virtio, nvme) merges bios that are not
+ * contiguous, so rq->__sector + nr_bytes would describe the wrong range. The walk runs in a
+ * bpf_loop() callback (verified once) and follows the chain with CO-RE probe reads. */
+#define NBDSINK_MAX_DISCARD_BIOS 1024
+
+struct walk_ctx {
+	__u64 bio;  /* struct bio *, as an integer: read with BPF_CORE_READ */
+	__u64 left; /* sectors still to account for */
+};
+
+static long walk_bio_cb(__u32 i, void *data)
 {
-	if (!is_ours(rq->q->disk) || !changes_data(rq->cmd_flags))
-		return 0;
-	mark(rq->__sector, ((__u64)nr_bytes + 511) >> 9);
+	struct walk_ctx *wc = data;
+	struct bio *bio = (struct bio *)wc->bio;
+	__u64 n;
+
+	if (!bio || !wc->left)
+		return 1;
+	n = BPF_CORE_READ(bio, bi_iter.bi_size) >> 9;
+	if (n > wc->left)
+		n = wc->left;
+	mark(BPF_CORE_READ(bio, bi_iter.bi_sector), n);
+	wc->left -= n;
+	wc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
 	return 0;
 }
 
-SEC("tp_btf/block_bio_queue")
-int BPF_PROG(on_bio_queue, struct bio *bio)
+static __always_inline void mark_discard(struct request *rq, __u64 nr_sects)
+{
+	struct walk_ctx wc = { .bio = (__u64)rq->bio, .left = nr_sects };
+
+	bpf_loop(NBDSINK_MAX_DISCARD_BIOS, walk_bio_cb, &wc, 0);
+	if (wc.left)
+		mark_all();
+}
+
+static __always_inline void on_rq(struct request *rq, unsigned int nr_bytes)
+{
+	__u32 op;
+	__u64 nr = ((__u64)nr_bytes + 511) >> 9;
+
+	if (!is_ours(rq->q->disk) || !changes_data(rq->cmd_flags))
+		return;
+	op = rq->cmd_flags & NBDSINK_REQ_OP_MASK;
+	if ((op == REQ_OP_DISCARD || op == REQ_OP_SECURE_ERASE) && rq->bio)
+		mark_discard(rq, nr);
+	else
+		mark(rq->__sector, nr);
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(on_rq_complete_a, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	on_rq(rq, nr_bytes);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(on_rq_complete_b, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	on_rq(rq, nr_bytes);
+	return 0;
+}
+
+static __always_inline void on_bio_q(struct bio *bio)
 {
 	struct bio_range r;
 	__u64 key = (__u64)bio;
 
 	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
-		return 0;
+		return;
 	/* Partitions were remapped before this tracepoint: the sector is the disk's. Empty
 	 * flushes are recorded too, so that their completion is recognised. */
 	r.sector = bio->bi_iter.bi_sector;
@@ -216,23 +279,38 @@ int BPF_PROG(on_bio_queue, struct bio *bio)
 		if (c)
 			__sync_fetch_and_add(&c->bio_lost, 1);
 	}
+}
+
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(on_bio_queue_a, struct bio *bio)
+{
+	on_bio_q(bio);
 	return 0;
 }
 
-SEC("tp_btf/block_bio_complete")
-int BPF_PROG(on_bio_complete, struct request_queue *q, struct bio *bio)
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(on_bio_queue_b, struct bio *bio)
+{
+	on_bio_q(bio);
+	return 0;
+}
+
+/* The entry is deleted by the copy that runs last (b), so that the first copy still finds it;
+ * if b is skipped the entry stays until the bio is queued again (the table is large). */
+static __always_inline void on_bio_c(struct bio *bio, bool last)
 {
 	__u64 key = (__u64)bio;
 	struct bio_range *r;
 	__u32 size;
 
 	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
-		return 0;
+		return;
 	size = bio->bi_iter.bi_size;
 	r = bpf_map_lookup_elem(&inflight, &key);
 	if (r) {
 		mark(r->sector, r->nr_sects);
-		bpf_map_delete_elem(&inflight, &key);
+		if (last)
+			bpf_map_delete_elem(&inflight, &key);
 	} else if (size == 0 && !(bio->bi_opf & NBDSINK_REQ_PREFLUSH)) {
 		/* Queued before tracking started or while the table was full, and already
 		 * advanced by the driver: its range is unknown. */
@@ -240,6 +318,19 @@ int BPF_PROG(on_bio_complete, struct request_queue *q, struct bio *bio)
 	}
 	if (size)
 		mark(bio->bi_iter.bi_sector, ((__u64)size + 511) >> 9);
+}
+
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(on_bio_complete_a, struct request_queue *q, struct bio *bio)
+{
+	on_bio_c(bio, false);
+	return 0;
+}
+
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(on_bio_complete_b, struct request_queue *q, struct bio *bio)
+{
+	on_bio_c(bio, true);
 	return 0;
 }
 

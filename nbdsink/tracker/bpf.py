@@ -140,9 +140,12 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
         )
     pins = _pin_dir(dev.name)
     with locked(_lock_file(dev.name)):
-        if pins.exists() or _state_file(dev.name).exists():
+        if _state_file(dev.name).exists():
             raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
         ensure_bpffs()
+        # Pins without a state file are what a start killed half-way leaves: the state file
+        # is written last, so nobody ever relied on them.
+        _remove_pins(pins)
         geo = _Geometry.of(dev.size, chunk_size)
         obj = libbpf.BpfObject(str(object_path()), None if btf == DEFAULT_BTF else btf)
         try:
@@ -168,9 +171,13 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
     obj.set_max_entries("bits", 2 * geo.words)
     obj.set_max_entries("summ", 2 * geo.swords)
     # Request-based devices complete requests, bio-based ones only bios: attach what fires.
-    progs = ["on_rq_complete"] if dev.request_based else ["on_bio_queue", "on_bio_complete"]
-    for p in ("on_rq_complete", "on_bio_queue", "on_bio_complete"):
-        obj.set_autoload(p, p in progs)
+    # Each hook has two copies (see the program's comment); queue hooks go first so that
+    # completions find their bio's range.
+    hooks = ["on_rq_complete"] if dev.request_based else ["on_bio_queue", "on_bio_complete"]
+    progs = [f"{h}_{copy}" for h in hooks for copy in "ab"]
+    for h in ("on_rq_complete", "on_bio_queue", "on_bio_complete"):
+        for copy in "ab":
+            obj.set_autoload(f"{h}_{copy}", f"{h}_{copy}" in progs)
     obj.load()
     for m in ("ctl", "bits", "summ", "inflight"):
         obj.pin_map(m, str(pins / m))

@@ -150,3 +150,23 @@ def test_cli(make_loop: Callable[..., str]) -> None:
     run = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "track", "start", loop,
                           "--backend", "bpf"], capture_output=True, text=True, env=env)
     assert run.returncode == 1 and "no BTF" in run.stderr, run.stderr
+
+
+def test_skipped_program_run_marks_everything(make_loop: Callable[..., str]) -> None:
+    """When the kernel reports a skipped (nested) run of the tracker's programs, the closed
+    generation and the next one are reported whole: an unseen write cannot be lost."""
+    loop = make_loop(16 * MiB)
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        state_path = bpf.STATE_DIR / f"{tracker.name}.json"
+        state = json.loads(state_path.read_text())
+        state["misses"] -= 1  # as if the counters had moved since the last checkpoint
+        state_path.write_text(json.dumps(state))
+        whole = [(0, 16 * MiB)]
+        assert tracker.checkpoint().extents == whole
+        tracker.acknowledge(1)
+        assert tracker.checkpoint().extents == whole  # the write may have landed after the flip
+        tracker.acknowledge(2)
+        assert tracker.checkpoint().extents == []
+    finally:
+        tracker.stop()
