@@ -74,7 +74,8 @@ struct nbdsink_c {
 	u64 epoch;
 	u64 lost_gen;			/* 0: intact */
 	u64 meta_seq;
-	bool loaded;			/* metadata read by the first preresume */
+	bool loaded;			/* state taken over or read by the first preresume */
+	bool resumed_once;		/* has been the live table */
 	bool suspended;
 	bool meta_error;
 
@@ -445,6 +446,52 @@ out:
 	return r;
 }
 
+/* ---- reloads -------------------------------------------------------------------------- */
+
+/*
+ * Under nbdsink_targets_lock: the table nc replaces on a reload -- the instance for the same
+ * mapped device that has been live and is now suspended (dm destroys it only after the new
+ * table has resumed). A table loaded but never resumed holds nothing and does not count.
+ */
+static struct nbdsink_c *predecessor(struct nbdsink_c *nc)
+{
+	struct nbdsink_c *p;
+
+	list_for_each_entry(p, &nbdsink_targets, registry)
+		if (p != nc && p->md_dev == nc->md_dev && p->resumed_once && p->suspended)
+			return p;
+	return NULL;
+}
+
+/* Continue prev's generations in nc (a reload): nothing is lost, nothing written to disk. */
+static void take_over(struct nbdsink_c *nc, struct nbdsink_c *prev)
+{
+	struct nbdsink_gen *mine = open_gen(nc);
+	struct nbdsink_gen *theirs = rcu_dereference_protected(prev->open,
+							       lockdep_is_held(&prev->lock));
+
+	nc->epoch = prev->epoch;
+	nc->meta_seq = prev->meta_seq;
+	/* The state moves away from prev's metadata: left CLEAN it would be loaded later as
+	 * current. ACTIVE makes a later load of it report "lost" instead. */
+	if (prev->meta && (!nc->meta || prev->meta->bdev != nc->meta->bdev))
+		meta_write(prev, NBDSINK_DM_META_ACTIVE);
+	if (prev->chunk_sectors != nc->chunk_sectors || prev->nr_chunks != nc->nr_chunks) {
+		mine->first = mine->last = theirs->last + 1;
+		nc->lost_gen = mine->first;
+		DMERR("%u:%u: reloaded with another chunk size or length: tracking lost, a full rescan is needed",
+		      MAJOR(nc->md_dev), MINOR(nc->md_dev));
+		return;
+	}
+	/* prev is suspended and nc not yet resumed: neither bitmap is being marked. */
+	rcu_assign_pointer(nc->open, theirs);
+	rcu_assign_pointer(prev->open, mine);
+	list_splice_init(&prev->closed, &nc->closed);
+	nc->nr_closed = prev->nr_closed;
+	prev->nr_closed = 0;
+	nc->lost_gen = prev->lost_gen;
+}
+
 /* ---- control ------------------------------------------------------------------------ */
 
 /* Close the open generation; its number is the result. */
@@ -553,7 +600,8 @@ static int check_meta_header(struct nbdsink_c *nc, char **error)
  * <chunk sectors>: the tracking granularity in 512-byte sectors, a power of two >= 8.
  * <metadata dev path>: optional. A clean suspend or removal writes every bitmap there under
  *   a checksummed header; the next load continues from them. Without it, or after an
- *   unclean stop, tracking starts over (reported as lost in the latter case). It must hold
+ *   unclean stop, tracking starts over (reported as lost in the latter case). A table
+ *   reload hands the generations over in memory either way. It must hold
  *   zeros or nbdsink metadata, and be at least 4 KiB + 17 bitmaps
  *   (17 * round_up(chunks / 8, 4 KiB)) long.
  *
@@ -718,26 +766,37 @@ static void nbdsink_postsuspend(struct dm_target *ti)
 
 static int nbdsink_preresume(struct dm_target *ti)
 {
-	struct nbdsink_c *nc = ti->private;
+	struct nbdsink_c *nc = ti->private, *prev;
 	int r = 0;
 
-	if (!nc->meta)
-		return 0;
+	/* Lock order: the registry, then this instance, then the one it replaces. */
+	mutex_lock(&nbdsink_targets_lock);
 	mutex_lock(&nc->lock);
-	/* Loaded here, not in the constructor: on a reload the old table's postsuspend has
-	 * only now written its final state. */
+	/* State is picked up here, not in the constructor: on a reload the old table has only
+	 * now been suspended (and, with metadata, written its final state). */
 	if (!nc->loaded) {
-		r = meta_load(nc);
-		if (r)
-			DMERR("%u:%u: reading metadata failed (%d)", MAJOR(nc->md_dev),
-			      MINOR(nc->md_dev), r);
-		else
+		prev = predecessor(nc);
+		if (prev) {
+			mutex_lock_nested(&prev->lock, SINGLE_DEPTH_NESTING);
+			take_over(nc, prev);
+			mutex_unlock(&prev->lock);
 			nc->loaded = true;
+		} else if (nc->meta) {
+			r = meta_load(nc);
+			if (r)
+				DMERR("%u:%u: reading metadata failed (%d)", MAJOR(nc->md_dev),
+				      MINOR(nc->md_dev), r);
+			else
+				nc->loaded = true;
+		} else {
+			nc->loaded = true;
+		}
 	}
 	/* ACTIVE on disk before any write passes: a crash from now on reads as unclean. */
-	if (!r)
+	if (!r && nc->meta)
 		r = meta_write(nc, NBDSINK_DM_META_ACTIVE);
 	mutex_unlock(&nc->lock);
+	mutex_unlock(&nbdsink_targets_lock);
 	return r;
 }
 
@@ -747,6 +806,7 @@ static void nbdsink_resume(struct dm_target *ti)
 
 	mutex_lock(&nc->lock);
 	nc->suspended = false;
+	nc->resumed_once = true;
 	mutex_unlock(&nc->lock);
 	/* The live table's instance answers ioctls for this device from now on. */
 	mutex_lock(&nbdsink_targets_lock);
@@ -925,8 +985,10 @@ static long ioctl_bitmap(void __user *arg)
 		goto out;
 	}
 	mutex_lock(&nc->lock);
+	/* Only closed generations can be read: the open one is still being marked. */
 	list_for_each_entry(g, &nc->closed, list)
-		if (req.flags & NBDSINK_DM_BITMAP_UNION ? g->first <= req.generation :
+		if (req.generation < open_gen(nc)->first &&
+		    req.flags & NBDSINK_DM_BITMAP_UNION ? g->first <= req.generation :
 		    g->first <= req.generation && req.generation <= g->last)
 			found = true;
 	if (!found) {

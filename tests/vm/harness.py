@@ -281,7 +281,6 @@ def run(
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
-        "PYTHONDONTWRITEBYTECODE": "1",
         # No udev in the guest: libdevmapper makes the /dev/mapper nodes itself.
         "DM_DISABLE_UDEV": "1",
         **(env or {}),
