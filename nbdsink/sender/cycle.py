@@ -269,13 +269,22 @@ class Cycle:
             await self._acknowledge(ds.generation)
             return CycleResult(None, ds.generation, "frozen", iso(utc_now()), stats)
         for attempt in range(1, opts.freeze_attempts + 1):
-            # Converge: send while the filesystem runs, until the rest fits in the budget.
-            while not self._fits(total(extents)) and rounds < opts.converge_rounds * attempt:
+            # Converge: send while the filesystem runs, sync, look again; at least once per
+            # attempt, so that FIFREEZE itself has only the last moment's writes to flush,
+            # and until the rest fits in the budget.
+            first = True
+            while (
+                extents
+                and (first or not self._fits(total(extents)))
+                and rounds < opts.converge_rounds * attempt
+            ):
+                first = False
                 rounds += 1
                 label = "full sync" if compare else f"converge round {rounds}"
                 stats.add(await self._send(extents, ds.generation, compare=compare, label=label))
                 compare = False
                 await self._record_pending(extents, ds.generation)
+                await freezer.sync()
                 ds = await self._checkpoint()
                 extents = ds.extents
             ops, frozen_ds, frozen_at, frozen_for = await self._frozen_read(freezer)

@@ -164,8 +164,14 @@ async def test_frozen_versions_equal_the_device_at_the_freeze(rig) -> None:  # t
     assert len(committed) == len(freezer.snapshots) == len(remote.versions) >= 4
     for version, snapshot in zip(remote.versions, freezer.snapshots, strict=True):
         assert version.consistency == "frozen" and "frozen_at" in version.labels
-        assert version.image == snapshot
-    assert freezer.calls[:5] == ["sync", "pre", "freeze", "thaw", "post"]
+        bad = [c for c in range(SIZE // CS)
+               if version.image[c * CS : (c + 1) * CS] != snapshot[c * CS : (c + 1) * CS]]
+        assert not bad, (version.number, bad, [(r.converge_rounds, r.freeze_attempts) for r in results])
+    assert freezer.calls[0] == "sync"
+    around = [c for c in freezer.calls if c != "sync"]
+    assert around == ["pre", "freeze", "thaw", "post"] * (len(around) // 4)
+    # A sync right before each freeze leaves FIFREEZE little to flush.
+    assert all(freezer.calls[i - 1] == "sync" for i, c in enumerate(freezer.calls) if c == "pre")
 
 
 async def test_a_freeze_that_never_fits_thaws_and_keeps_everything(rig) -> None:  # type: ignore[no-untyped-def]
