@@ -140,9 +140,13 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
         )
     pins = _pin_dir(dev.name)
     with locked(_lock_file(dev.name)):
-        if _state_file(dev.name).exists():
-            raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
         ensure_bpffs()
+        if _state_file(dev.name).exists():
+            if (pins / "ctl").exists():
+                raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
+            # The pins are gone (bpffs unmounted, removed by hand): that tracking is lost,
+            # and whoever used it learns so from open_bpf; a new one may start.
+            _state_file(dev.name).unlink()
         # Pins without a state file are what a start killed half-way leaves: the state file
         # is written last, so nobody ever relied on them.
         _remove_pins(pins)

@@ -170,3 +170,21 @@ def test_skipped_program_run_marks_everything(make_loop: Callable[..., str]) -> 
         assert tracker.checkpoint().extents == []
     finally:
         tracker.stop()
+
+
+def test_lost_pins_are_reported_and_tracking_can_restart(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(16 * MiB)
+    bpf.start_bpf(loop, CS).close()
+    pins = bpf.PIN_ROOT / Path(loop).name
+    for p in sorted(pins.iterdir(), key=lambda p: not p.name.startswith("link_")):
+        p.unlink()  # what unmounting bpffs or a careless rm does
+    with pytest.raises(TrackerError):
+        bpf.open_bpf(loop).checkpoint()
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+        conf.write_direct(fd, 2 * CS, os.urandom(4096))
+        os.close(fd)
+        assert conf.reported_chunks(tracker.checkpoint()) == {2}
+    finally:
+        tracker.stop()
