@@ -296,22 +296,24 @@ int BPF_PROG(on_bio_queue_b, struct bio *bio)
 }
 
 /* The entry is deleted by the copy that runs last (b), so that the first copy still finds it;
- * if b is skipped the entry stays until the bio is queued again (the table is large). */
+ * if b is skipped the entry stays until the bio is queued again (the table is large).
+ * The entry is looked up before the device is checked: a stacking driver (md raid0/linear)
+ * may have redirected the very bio to a member disk, so its completion names the member. */
 static __always_inline void on_bio_c(struct bio *bio, bool last)
 {
 	__u64 key = (__u64)bio;
-	struct bio_range *r;
+	struct bio_range *r = bpf_map_lookup_elem(&inflight, &key);
 	__u32 size;
 
-	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
-		return;
-	size = bio->bi_iter.bi_size;
-	r = bpf_map_lookup_elem(&inflight, &key);
 	if (r) {
 		mark(r->sector, r->nr_sects);
 		if (last)
 			bpf_map_delete_elem(&inflight, &key);
-	} else if (size == 0 && !(bio->bi_opf & NBDSINK_REQ_PREFLUSH)) {
+	}
+	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
+		return;
+	size = bio->bi_iter.bi_size;
+	if (!r && size == 0 && !(bio->bi_opf & NBDSINK_REQ_PREFLUSH)) {
 		/* Queued before tracking started or while the table was full, and already
 		 * advanced by the driver: its range is unknown. */
 		mark_all();

@@ -69,6 +69,12 @@ def test_filesystem(fstype: str, make_loop: Callable[..., str], mountpoint: Path
     record_ratio(report.over_reporting)
 
 
+def test_filesystem_zram_bio_based(zram: Callable[[int], str], mountpoint: Path,
+                                   record_ratio: Callable[[float], None]) -> None:
+    report = conf.check_filesystem(start, zram(128 * MiB), CS, "ext4", mountpoint)
+    record_ratio(report.over_reporting)
+
+
 def test_concurrent_loop(make_loop: Callable[..., str]) -> None:
     conf.check_concurrent(start, make_loop(64 * MiB), CS)
 
