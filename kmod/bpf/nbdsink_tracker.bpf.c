@@ -48,7 +48,8 @@
 char LICENSE[] SEC("license") = "GPL";
 
 #define NBDSINK_REQ_OP_MASK 0xffU
-#define NBDSINK_REQ_PREFLUSH (1U << 18)
+/* The flag bit number is read from the running kernel (CO-RE), not assumed. */
+#define NBDSINK_REQ_PREFLUSH (1U << bpf_core_enum_value(enum req_flag_bits, __REQ_PREFLUSH))
 /* bpf_loop() accepts at most this many iterations. */
 #define NBDSINK_MAX_LOOP (1U << 23)
 
