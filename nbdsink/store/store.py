@@ -212,7 +212,7 @@ class Store:
             self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=8, subdir=True,
-                metasync=False, sync=True, readahead=False, max_readers=512,
+                metasync=False, sync=True, max_readers=512,
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
@@ -276,15 +276,25 @@ class Store:
                     with self._guard.shared(), self.env.begin(write=True) as txn:
                         return fn(txn)
                 except lmdb.MapFullError:
-                    pass
+                    with self._guard.exclusive():
+                        self._grow_map()
+                except lmdb.MapResizedError:
+                    self._adopt_map_size()
                 except lmdb.Error as exc:
                     raise _translate(exc) from exc
-                with self._guard.exclusive():
-                    self._grow_map()
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        with self._guard.shared(), self.env.begin(buffers=True) as txn:
-            return fn(txn)
+        while True:
+            try:
+                with self._guard.shared(), self.env.begin(buffers=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+
+    def _adopt_map_size(self) -> None:
+        """Another process (a server) grew the map: take its size, then retry."""
+        with self._guard.exclusive():
+            self.env.set_mapsize(0)
 
     def _grow_map(self) -> None:
         current = self.env.info()["map_size"]

@@ -284,3 +284,27 @@ def test_head_counts_persist_across_saves(tmp_path: Path) -> None:
     info = head.commit()
     assert info is not None
     assert (info.blocks_changed, info.chunks_stored) == (2, 2)  # "b" was stored, then replaced
+
+
+def test_another_process_growing_the_map_is_adopted(tmp_path: Path) -> None:
+    """The CLI (volume create, versions) works while a server process grows the map."""
+    import subprocess
+    import sys
+
+    small = Store(tmp_path / "s", create=True, map_size=1 << 20)
+    small.create_volume("a", 64 << 20, BS)
+    grow = f"""
+import random
+from nbdsink.store import Store
+from nbdsink.server.session import Heads, Session
+other = Store({str(tmp_path / "s")!r}, map_size=1 << 20)
+s = Session(other, Heads(other), "a", readonly=False)
+s.pwrite(memoryview(random.Random(1).randbytes(16 << 20)), 0)
+s.flush()
+assert other.env.info()["map_size"] > 8 << 20
+"""
+    subprocess.run([sys.executable, "-c", grow], check=True)
+    small.create_volume("b", 1 << 20)
+    assert [v.name for v in small.volumes()] == ["a", "b"]
+    expected = random.Random(1).randbytes(16 << 20)
+    assert read_all(small, Heads(small), "a@1", 16 << 20) == expected
