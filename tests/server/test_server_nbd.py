@@ -235,3 +235,30 @@ def test_second_server_on_same_store_is_refused(server: ServerProcess, tmp_path:
                   check=False)
     assert run.returncode != 0
     assert "another nbdsink server is serving" in run.stderr
+
+
+def test_largest_request_and_garbage_on_the_wire(tmp_path: Path) -> None:
+    """A 32 MiB write (the advertised maximum) in one request; a client that sends garbage is
+    dropped without harm to the server or to the data."""
+    import socket
+
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock")
+    srv.create_volume("big", 64 << 20, BS)
+    with srv:
+        h = connect(srv.uri("big"))
+        assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+        data = random.Random(3).randbytes(32 << 20)
+        h.pwrite(data, 4096 + 512)  # unaligned at both ends, spanning 513 blocks
+        h.flush()
+        for junk in (b"\x00" * 64, b"NBDMAGIC" + b"\xff" * 200, random.Random(5).randbytes(4096)):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(srv.socket))
+                s.settimeout(1)
+                s.recv(18)
+                try:
+                    s.sendall(junk)
+                    s.recv(4096)
+                except OSError:
+                    pass
+        assert srv.alive
+        assert connect(srv.uri("big@1")).pread(32 << 20, 4096 + 512) == data
