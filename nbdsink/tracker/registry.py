@@ -13,10 +13,13 @@ Trackers outlive processes, so :func:`open_tracker` finds which backend tracks a
 from __future__ import annotations
 
 import importlib
+import logging
 from types import ModuleType
 
 from nbdsink.tracker.base import Tracker, TrackerError
 from nbdsink.tracker.blockdev import check_chunk_size
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("bpf", "dm", "scan")
 DEFAULT_CHUNK_SIZE = 64 << 10
@@ -78,7 +81,12 @@ def tracked() -> list[Tracker]:
             mod = _module(backend)
         except TrackerError:
             continue
-        out.extend(mod.attach(f"/dev/{name}") for name in mod.tracked_names())
+        for name in mod.tracked_names():
+            try:
+                out.append(mod.attach(f"/dev/{name}"))
+            except TrackerError as exc:
+                # One broken tracking must not hide the others.
+                log.warning("%s (%s backend): %s", name, backend, exc)
     return out
 
 
