@@ -139,25 +139,24 @@ class FsFreezer:
         self.hook_timeout = hook_timeout
         self._env = {"NBDSINK_MOUNTPOINT": mountpoint}
 
-    async def before(self) -> None:
-        if self.pre_hook:
-            await run_hook(self.pre_hook, phase="pre", timeout=self.hook_timeout, env=self._env)
-
     async def sync(self) -> None:
         await trio.to_thread.run_sync(sync, self.mountpoint)
 
-    async def freeze(self) -> None:
+    async def before(self) -> None:
+        if self.pre_hook:
+            await run_hook(self.pre_hook, phase="pre", timeout=self.hook_timeout, env=self._env)
+        # Recorded before freezing (and outside the freeze window: it fsyncs the state
+        # directory), so that a sender killed while frozen leaves a trace the next start reads.
         self.state_dir.mark_frozen(self.mountpoint)
-        try:
-            await trio.to_thread.run_sync(freeze, self.mountpoint)
-        except BaseException:
-            self.state_dir.clear_frozen()
-            raise
+
+    async def freeze(self) -> None:
+        await trio.to_thread.run_sync(freeze, self.mountpoint)
 
     async def thaw(self) -> None:
         await trio.to_thread.run_sync(thaw, self.mountpoint)
-        self.state_dir.clear_frozen()
 
     async def after(self) -> None:
+        # Thawed (or never frozen, if freeze() failed): the marker can go.
+        self.state_dir.clear_frozen()
         if self.post_hook:
             await run_hook(self.post_hook, phase="post", timeout=self.hook_timeout, env=self._env)
