@@ -43,11 +43,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--chunk-size", type=int, default=64 << 10)
+    ap.add_argument("--backing-dir", default="/tmp",
+                    help="where the loop device's file lives (/dev/shm takes the disk out of "
+                         "the measurement)")
     args = ap.parse_args()
 
     stats_sysctl = Path("/proc/sys/kernel/bpf_stats_enabled")
     stats_before = stats_sysctl.read_text().strip()
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(dir=args.backing_dir) as tmp:
         img = Path(tmp) / "bench.img"
         with open(img, "wb") as f:
             f.truncate(args.size_mib * MiB)
