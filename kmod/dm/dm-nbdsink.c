@@ -524,7 +524,7 @@ static int nbdsink_checkpoint(struct nbdsink_c *nc, u64 *closed)
 	}
 	*closed = old->last;
 	/* Suspended: nothing will write the metadata again before a load, so do it now. */
-	if (nc->meta && nc->suspended)
+	if (nc->meta && nc->suspended && nc->loaded)
 		meta_write(nc, NBDSINK_DM_META_CLEAN);
 	mutex_unlock(&nc->lock);
 	return 0;
@@ -549,7 +549,7 @@ static int nbdsink_release(struct nbdsink_c *nc, u64 upto)
 	}
 	if (nc->lost_gen && upto >= nc->lost_gen)
 		nc->lost_gen = 0;
-	if (nc->meta && nc->suspended)
+	if (nc->meta && nc->suspended && nc->loaded)
 		meta_write(nc, NBDSINK_DM_META_CLEAN);
 	mutex_unlock(&nc->lock);
 	return 0;
@@ -873,15 +873,6 @@ static int nbdsink_message(struct dm_target *ti, unsigned int argc, char **argv,
 	return -EINVAL;
 }
 
-static int nbdsink_prepare_ioctl(struct dm_target *ti, struct block_device **bdev)
-{
-	struct nbdsink_c *nc = ti->private;
-
-	*bdev = nc->dev->bdev;
-	/* Only pass ioctls through when the target covers the whole device. */
-	return ti->len != bdev_nr_sectors(nc->dev->bdev);
-}
-
 static int nbdsink_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,
 				   void *data)
 {
@@ -903,7 +894,6 @@ static struct target_type nbdsink_target = {
 	.resume = nbdsink_resume,
 	.status = nbdsink_status,
 	.message = nbdsink_message,
-	.prepare_ioctl = nbdsink_prepare_ioctl,
 	.iterate_devices = nbdsink_iterate_devices,
 };
 
@@ -1054,7 +1044,6 @@ static const struct file_operations nbdsink_ctl_fops = {
 	.owner = THIS_MODULE,
 	.unlocked_ioctl = nbdsink_ctl_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = noop_llseek,
 };
 
 static struct miscdevice nbdsink_ctl = {
