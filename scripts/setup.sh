@@ -14,7 +14,8 @@ fi
 
 APT_PACKAGES=(
     # the server side and the NBD tools the tests and users drive it with
-    nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbdfuse nbd-client nbd-server
+    # (nbdfuse ships in libnbd-bin; fuse3 brings fusermount3 for it)
+    nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd fuse3 nbd-client nbd-server
     qemu-utils
     # the real kernel in a VM (tests/vm) and what the guest's initramfs is made of
     qemu-system-x86 busybox-static cpio kmod dmsetup
