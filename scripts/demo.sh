@@ -68,11 +68,19 @@ teardown() {
         nbdsink track stop "$loop" >/dev/null 2>&1 || true
         losetup -d "$loop" || true
     done
+    # With its tracker stopped, the sender's state cannot be continued, and the next run may
+    # get another loop device: it starts afresh and synchronises by comparing digests with
+    # what the store already holds, sending only what differs.
+    rm -rf "$STATE"
     stop_pid server
 }
 
 cleanup() {
     trap - EXIT INT TERM
+    # Ctrl-C also ends a `| tee` reading our output; ignore SIGPIPE so that the teardown
+    # still runs to the end when its messages have nowhere to go.
+    trap '' PIPE
+    set +e
     say "stopping: workload, sender, mount, tracker, loop device, server"
     teardown
     echo "stopped; the store and its versions stay in $STORE"
