@@ -1,10 +1,11 @@
 """Tests marked ``vm`` run inside a real Linux kernel (see :mod:`vm.harness`).
 
-On the host, each ``vm`` test is replaced by a stand-in item. The first stand-in of a test file
-boots one guest that runs every selected ``vm`` test of that file under pytest, then each
-stand-in reports its own test's outcome from the guest (passed, failed with the guest's
-traceback, or skipped -- which ``NBDSINK_REQUIRE_ALL=1`` turns into a failure). One boot per
-file keeps TCG time low; a kernel crash fails only that file's tests.
+On the host, each ``vm`` test is replaced by a stand-in item. The first stand-in to run boots
+one guest that runs every selected ``vm`` test under pytest, then each stand-in reports its
+own test's outcome from the guest (passed, failed with the guest's traceback, or skipped --
+which ``NBDSINK_REQUIRE_ALL=1`` turns into a failure). One boot for the whole session keeps
+TCG time low (booting and starting pytest cost ~30 s under TCG); if the guest dies, every
+test it had not reported fails with the console's tail.
 
 Inside the guest (``NBDSINK_IN_VM=1``) the tests run for real: the session loads the kernel
 modules they need and the ``dm-nbdsink`` module built on the host against the guest kernel.
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from nbdsink.testing import ServerProcess
 from vm import harness
 
 IN_GUEST = os.environ.get("NBDSINK_IN_VM") == "1"
@@ -30,7 +32,7 @@ REPORT_ENV = "NBDSINK_VM_REPORT"
 KO_ENV = "NBDSINK_DM_KO"
 GUEST_MODULES = ("dm-mod", "dm-zero", "loop", "crc32c_generic", "ext4", "nbd")
 
-_RESULTS = pytest.StashKey[dict[Path, dict[str, dict[str, Any]]]]()
+_RESULTS = pytest.StashKey[dict[str, dict[str, Any]]]()
 
 
 # -- host side -------------------------------------------------------------------------------
@@ -78,16 +80,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _guest_results(item: VmItem) -> dict[str, dict[str, Any]]:
-    """Results of every selected vm test of ``item``'s file: one guest boot per file."""
+    """Results of every selected vm test: one guest boot serves them all."""
     cache = item.config.stash[_RESULTS]
-    if item.path in cache:
-        return cache[item.path]
-    nodeids = [i.nodeid for i in item.session.items if isinstance(i, VmItem) and i.path == item.path]
-    try:
-        cache[item.path] = _run_in_guest(item.config, nodeids)
-    except harness.VmError as exc:
-        cache[item.path] = {"<guest>": {"outcome": "failed", "text": str(exc)}}
-    return cache[item.path]
+    if not cache:
+        nodeids = [i.nodeid for i in item.session.items if isinstance(i, VmItem)]
+        try:
+            cache.update(_run_in_guest(item.config, nodeids))
+        except harness.VmError as exc:
+            cache["<guest>"] = {"outcome": "failed", "text": str(exc)}
+    return cache
 
 
 def _run_in_guest(config: pytest.Config, nodeids: list[str]) -> dict[str, dict[str, Any]]:
@@ -231,3 +232,51 @@ def kernel_problems() -> list[str]:
     log = _sh("dmesg").stdout
     bad = ("WARNING:", "BUG:", "Oops", "Call Trace", "general protection", "RIP:", "Kernel panic")
     return [line for line in log.splitlines() if any(b in line for b in bad)]
+
+
+# -- an nbdsink server and the kernel NBD client, in the guest ------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path, guest_kernel: None) -> Iterator[ServerProcess]:
+    """``nbdsink serve`` on a unix socket, with a 64 MiB volume ``vol`` (64 KiB blocks)."""
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock")
+    srv.create_volume("vol", 64 << 20, 64 << 10)
+    with srv:
+        yield srv
+
+
+@pytest.fixture
+def nbd_devices() -> Iterator[list[str]]:
+    """The /dev/nbdN attached by the test; all detached afterwards."""
+    attached: list[str] = []
+    try:
+        yield attached
+    finally:
+        for dev in attached:
+            subprocess.run(["umount", dev], capture_output=True, check=False)
+            subprocess.run(["nbd-client", "-d", dev], capture_output=True, check=False)
+
+
+def attach(srv: ServerProcess, dev: str, export: str, attached: list[str]) -> None:
+    """``nbd-client`` as a user runs it: export ``export`` of ``srv`` on ``dev``."""
+    run = subprocess.run(
+        ["nbd-client", "-unix", str(srv.socket), dev, "-N", export, "-b", "4096"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, f"nbd-client {export}: {run.stdout}{run.stderr}"
+    attached.append(dev)
+
+
+def detach(dev: str, attached: list[str]) -> None:
+    subprocess.run(["nbd-client", "-d", dev], capture_output=True, check=True)
+    attached.remove(dev)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but lost+found) with its content."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "lost+found" not in p.parts
+    }

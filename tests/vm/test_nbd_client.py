@@ -13,51 +13,16 @@ import json
 import mmap
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nbdsink.testing import ServerProcess, run_cli
-from vm.conftest import kernel_problems
+from vm.conftest import attach, detach, kernel_problems, tree
 
 pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def server(tmp_path: Path, guest_kernel: None) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock")
-    srv.create_volume("vol", 64 * MIB, 64 << 10)
-    with srv:
-        yield srv
-
-
-@pytest.fixture
-def nbd_devices() -> Iterator[list[str]]:
-    """The /dev/nbdN attached by the test; all detached afterwards."""
-    attached: list[str] = []
-    try:
-        yield attached
-    finally:
-        for dev in attached:
-            subprocess.run(["umount", dev], capture_output=True, check=False)
-            subprocess.run(["nbd-client", "-d", dev], capture_output=True, check=False)
-
-
-def attach(srv: ServerProcess, dev: str, export: str, attached: list[str]) -> None:
-    run = subprocess.run(
-        ["nbd-client", "-unix", str(srv.socket), dev, "-N", export, "-b", "4096"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, f"nbd-client {export}: {run.stdout}{run.stderr}"
-    attached.append(dev)
-
-
-def detach(dev: str, attached: list[str]) -> None:
-    subprocess.run(["nbd-client", "-d", dev], capture_output=True, check=True)
-    attached.remove(dev)
 
 
 def versions(srv: ServerProcess) -> list[dict[str, object]]:
@@ -68,14 +33,6 @@ def versions(srv: ServerProcess) -> list[dict[str, object]]:
 
 def latest(srv: ServerProcess) -> int:
     return max(int(str(v["version"])) for v in versions(srv))
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and "lost+found" not in p.parts
-    }
 
 
 def test_attach_committed_versions_read_only(
