@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +116,8 @@ class VmResult:
     returncode: int
     output: str
     console: str
+    crashed: bool = False
+    """The guest went down (panic, reset) before the command finished (``returncode`` -1)."""
 
     def check(self) -> VmResult:
         """Raise :class:`VmError` with the output when the command failed."""
@@ -264,6 +266,8 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: str | Path = REPO,
     console_log: Path | None = None,
+    drives: Sequence[Path] = (),
+    expect_crash: bool = False,
 ) -> VmResult:
     """Boot the guest, run ``command`` (``/bin/sh`` syntax) in ``cwd``, return its result.
 
@@ -271,6 +275,11 @@ def run(
     are); files written under ``$NBDSINK_VM_SHARE`` are readable from ``VmResult`` callers
     only through the output, so print what the host needs. The guest is killed after
     ``timeout`` seconds (:class:`VmError`, with the console's tail).
+
+    ``drives`` are raw image files attached as virtio disks (``/dev/vda``, ``/dev/vdb`` ...;
+    load ``virtio_blk`` first); what the guest writes to them stays, so a later boot sees it.
+    With ``expect_crash`` a guest that goes down before the command ends (a panic, as
+    ``echo c > /proc/sysrq-trigger`` makes) is a result (``crashed``), not an error.
     """
     if shutil.which(QEMU) is None:
         raise VmError(f"{QEMU} is missing: install qemu-system-x86 (scripts/setup.sh)")
@@ -308,6 +317,8 @@ def run(
             "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
             "-virtfs", f"local,path={share},mount_tag=share,security_model=none,multidevs=remap",
         ]  # fmt: skip
+        for drive in drives:
+            argv += ["-drive", f"file={drive},format=raw,if=virtio,cache=writeback"]
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -318,6 +329,8 @@ def run(
             ) from exc
         elapsed = time.monotonic() - start
         status = _read(share / "status").strip()
+        if expect_crash and proc.returncode == 0 and not status:
+            return VmResult(-1, _read(share / "output"), _read(console), crashed=True)
         if proc.returncode != 0 or not status.isdigit():
             raise VmError(
                 f"guest failed after {elapsed:.0f}s (qemu exit {proc.returncode}, "
