@@ -28,9 +28,11 @@ def encode_chunk(data: bytes | bytearray | memoryview, pad_to: int = 0) -> bytea
     """Header and data in one buffer (one copy of ``data``), zero-padded to ``pad_to`` bytes
     of data when ``data`` is shorter (the partial last block of a volume)."""
     length = max(len(data), pad_to)
-    out = bytearray(HEADER_SIZE + length)
-    _HEADER.pack_into(out, 0, CHUNK_FORMAT, CODEC_RAW, length)
-    out[HEADER_SIZE : HEADER_SIZE + len(data)] = data
+    # Header, then append: no zero-fill of the data part before it is overwritten.
+    out = bytearray(_HEADER.pack(CHUNK_FORMAT, CODEC_RAW, length))
+    out += data
+    if length > len(data):
+        out += bytes(length - len(data))
     return out
 
 

@@ -24,9 +24,11 @@ import lmdb
 
 from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
-from nbdsink.store.store import PendingCounters, Store, VersionInfo, VolumeInfo
+from nbdsink.store.store import MAX_BLOCK_SIZE, PendingCounters, Store, VersionInfo, VolumeInfo
 
 DEFAULT_BATCH_BYTES = 64 << 20
+
+_ZEROS = memoryview(bytes(MAX_BLOCK_SIZE))
 
 
 @dataclass
@@ -60,19 +62,23 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
     count = (offset + length - 1) // bs - first + 1
 
     def fill(txn: lmdb.Transaction) -> None:
-        for block, digest in store.block_digests(txn, volume, version, first, count):
-            digest, chunk = _overlay_lookup(overlays, block, digest)
-            start = max(block * bs, offset)
-            end = min((block + 1) * bs, offset + length)
-            dst = buf[start - offset : end - offset]
+        digests = store.block_digests(txn, volume, version, first, count)
+        pos = 0  # where the current block's bytes go in buf
+        for i, digest in enumerate(digests):
+            block = first + i
+            chunk = None
+            if overlays:
+                digest, chunk = _overlay_lookup(overlays, block, digest)
+            lo = offset - block * bs if i == 0 else 0
+            hi = min(bs, offset + length - block * bs)
+            n = hi - lo
             if digest is None:
-                dst[:] = bytes(len(dst))
-                continue
-            lo, hi = start - block * bs, end - block * bs
-            if chunk is not None:
-                dst[:] = memoryview(chunk)[HEADER_SIZE + lo : HEADER_SIZE + hi]
+                buf[pos : pos + n] = _ZEROS[:n]
+            elif chunk is not None:
+                buf[pos : pos + n] = memoryview(chunk)[HEADER_SIZE + lo : HEADER_SIZE + hi]
             else:
-                dst[:] = store.get_chunk(txn, digest)[lo:hi]
+                buf[pos : pos + n] = store.get_chunk(txn, digest)[lo:hi]
+            pos += n
 
     store.read(fill)
 
@@ -81,8 +87,11 @@ def block_is_data(store: Store, volume: VolumeInfo, version: int, first: int, co
                   overlays: Sequence[Batch] = ()) -> list[bool]:
     """For blocks first..first+count-1: True where the block holds data, False where zero."""
     def scan(txn: lmdb.Transaction) -> list[bool]:
-        return [_overlay_lookup(overlays, block, digest)[0] is not None
-                for block, digest in store.block_digests(txn, volume, version, first, count)]
+        digests = store.block_digests(txn, volume, version, first, count)
+        if not overlays:
+            return [digest is not None for digest in digests]
+        return [_overlay_lookup(overlays, first + i, digest)[0] is not None
+                for i, digest in enumerate(digests)]
     return store.read(scan)
 
 
@@ -262,9 +271,11 @@ class Head:
         def save_in(txn: lmdb.Transaction) -> tuple[PendingCounters, VersionInfo | None]:
             # A copy: if the transaction aborts, the counters stay as they were.
             counters = PendingCounters(**self._counters.__dict__)
-            for block, digest in batch.blocks.items():
-                chunk = batch.chunks.get(digest) if digest is not None else None
-                self.store.stage_block(txn, self.volume, counters, block, digest, chunk)
+            chunks = batch.chunks
+            self.store.stage_blocks(
+                txn, self.volume, counters,
+                ((block, digest, None if digest is None else chunks.get(digest))
+                 for block, digest in sorted(batch.blocks.items())))
             self.store.put_pending_counters(txn, self.volume, counters)
             return counters, then(txn, counters)
 

@@ -33,7 +33,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -158,26 +158,36 @@ def validate_block_size(block_size: int) -> None:
 
 
 class _ResizeGuard:
-    """Shared for transactions, exclusive for resizing the map."""
+    """Shared for transactions, exclusive for resizing the map.
+
+    ``enter``/``leave`` are plain calls rather than a context manager because every NBD read
+    passes here: the generator machinery of ``@contextmanager`` costs more than the lock.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._active = 0
         self._resizing = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def enter(self) -> None:
         with self._cond:
             while self._resizing:
                 self._cond.wait()
             self._active += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if self._active == 0 and self._resizing:
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._active -= 1
-                if self._active == 0:
-                    self._cond.notify_all()
+            self.leave()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -285,11 +295,15 @@ class Store:
 
     def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
+            self._guard.enter()
             try:
-                with self._guard.shared(), self.env.begin(buffers=True) as txn:
+                with self.env.begin(buffers=True) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
-                self._adopt_map_size()
+                pass
+            finally:
+                self._guard.leave()
+            self._adopt_map_size()
 
     def _adopt_map_size(self) -> None:
         """Another process (a server) grew the map: take its size, then retry."""
@@ -412,37 +426,40 @@ class Store:
     # -- blocks ---------------------------------------------------------------------------------
 
     def block_digests(self, txn: lmdb.Transaction, volume: VolumeInfo, version: int,
-                      first: int, count: int) -> Iterator[tuple[int, bytes | None]]:
-        """Yield (block, digest or None for zero) for blocks first..first+count-1 at ``version``.
+                      first: int, count: int) -> list[bytes | None]:
+        """The digest (None: zeros) of blocks first..first+count-1 at ``version``, in order.
 
-        Walks the map with at most two seeks per block that has entries, and none for the
-        runs of blocks that were never written, so it stays cheap on large sparse volumes.
+        One seek per block that has entries, none for the runs of blocks that were never
+        written, so it stays cheap on large sparse volumes. This is on the path of every NBD
+        read: keys are compared as bytes, and unpacked only to skip a run of holes.
         """
+        out: list[bytes | None] = []
         cur = txn.cursor(db=self._map)
         vid = volume.id
         block = first
         end = first + count
+        prefix_size = keys.BLOCK_PREFIX_SIZE
         while block < end:
-            if not cur.set_range(keys.map_key(vid, block, version)):
+            key = keys.map_key(vid, block, version)
+            if not cur.set_range(key):
                 break
-            key_vid, key_block, _ = keys.unpack_map_key(bytes(cur.key()))
-            if key_vid != vid:
-                break
-            if key_block == block:
+            found = cur.key()
+            if found[:prefix_size] == key[:prefix_size]:
                 # The newest entry for this block at or below `version`.
                 value = cur.value()
-                yield block, (bytes(value) if len(value) else None)
+                out.append(bytes(value) if len(value) else None)
                 block += 1
                 continue
-            # Blocks block..key_block-1 have no entry at or below `version`: zeros.
+            key_vid, key_block, _ = keys.unpack_map_key(bytes(found))
+            if key_vid != vid:
+                break
+            # Blocks block..key_block-1 have no entry at or below `version`: zeros. The next
+            # turn seeks key_block itself at `version` (the entry we landed on may be newer).
             stop = min(key_block, end)
-            for zero_block in range(block, stop):
-                yield zero_block, None
-            # The next turn seeks key_block itself at `version` (the entry we landed on may
-            # be newer than `version`).
+            out.extend([None] * (stop - block))
             block = stop
-        for zero_block in range(block, end):
-            yield zero_block, None
+        out.extend([None] * (end - block))
+        return out
 
     def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return txn.get(digest, db=self._chunks) is not None
@@ -469,46 +486,48 @@ class Store:
                              counters: PendingCounters) -> None:
         txn.put(keys.volume_id_key(volume.id), counters.encode(), db=self._pending)
 
-    def stage_block(self, txn: lmdb.Transaction, volume: VolumeInfo,
-                    counters: PendingCounters, block: int, digest: bytes | None,
-                    chunk: bytes | bytearray | None) -> None:
-        """Set ``block`` of the pending version to ``digest`` (None: all zeros); ``chunk`` is
-        the encoded chunk (see :func:`nbdsink.store.chunks.encode_chunk`) to store under
-        ``digest`` if the store does not hold it yet.
+    def stage_blocks(self, txn: lmdb.Transaction, volume: VolumeInfo,
+                     counters: PendingCounters,
+                     blocks: Iterable[tuple[int, bytes | None, bytes | bytearray | None]]
+                     ) -> None:
+        """Set each ``block`` of the pending version to ``digest`` (None: all zeros);
+        ``chunk`` is the encoded chunk (see :func:`nbdsink.store.chunks.encode_chunk`) to store
+        under ``digest`` if the store does not hold it yet (None: the writer found it stored).
 
         A block set back to what the previous version holds leaves no entry, so a version
-        records exactly the blocks that differ from its predecessor.
+        records exactly the blocks that differ from its predecessor. Blocks in ascending order
+        keep the map's pages hot.
         """
-        pending = counters.version
-        pending_key = keys.map_key(volume.id, block, pending)
-        previous = self._digest_at(txn, volume, block, pending - 1)
-        had_pending = txn.get(pending_key, db=self._map) is not None
-        if digest == previous:
-            if had_pending:
-                txn.delete(pending_key, db=self._map)
-                counters.blocks_changed -= 1
-            return
-        # chunk None: the writer found the digest already stored and kept no copy.
-        if (digest is not None and chunk is not None
-                and txn.put(digest, chunk, db=self._chunks, overwrite=False)):
-            counters.bytes_stored += len(chunk) - HEADER_SIZE
-            counters.chunks_stored += 1
-        txn.put(pending_key, digest or b"", db=self._map)
-        if not had_pending:
-            counters.blocks_changed += 1
-
-    def _digest_at(self, txn: lmdb.Transaction, volume: VolumeInfo, block: int,
-                   version: int) -> bytes | None:
-        if version <= 0:
-            return None
         cur = txn.cursor(db=self._map)
-        if not cur.set_range(keys.map_key(volume.id, block, version)):
-            return None
-        key = bytes(cur.key())
-        if key[: keys.BLOCK_PREFIX_SIZE] != keys.map_key(volume.id, block, 0)[: keys.BLOCK_PREFIX_SIZE]:
-            return None
-        value = cur.value()
-        return bytes(value) if len(value) else None
+        vid = volume.id
+        pending = counters.version
+        prefix_size = keys.BLOCK_PREFIX_SIZE
+        for block, digest, chunk in blocks:
+            pending_key = keys.map_key(vid, block, pending)
+            prefix = pending_key[:prefix_size]
+            # One seek finds both the pending entry (if any) and the previous version's:
+            # the newest entry at or below `pending` sorts first.
+            had_pending = False
+            previous: bytes | None = None
+            if cur.set_range(pending_key) and cur.key()[:prefix_size] == prefix:
+                if cur.key() == pending_key:
+                    had_pending = True
+                    if cur.next() and cur.key()[:prefix_size] == prefix:
+                        previous = bytes(cur.value()) or None
+                else:
+                    previous = bytes(cur.value()) or None
+            if digest == previous:
+                if had_pending:
+                    txn.delete(pending_key, db=self._map)
+                    counters.blocks_changed -= 1
+                continue
+            if (digest is not None and chunk is not None
+                    and txn.put(digest, chunk, db=self._chunks, overwrite=False)):
+                counters.bytes_stored += len(chunk) - HEADER_SIZE
+                counters.chunks_stored += 1
+            txn.put(pending_key, digest or b"", db=self._map)
+            if not had_pending:
+                counters.blocks_changed += 1
 
     def commit_pending(self, txn: lmdb.Transaction, volume: VolumeInfo,
                        counters: PendingCounters, consistency: str,
