@@ -52,6 +52,7 @@ from nbdsink.store.errors import (
     UnknownVolume,
     VolumeExists,
 )
+from nbdsink.store.writeback import WritebackKicker
 
 STORE_FORMAT = 1
 DEFAULT_MAP_SIZE = 1 << 30
@@ -232,6 +233,7 @@ class Store:
         self._map = self.env.open_db(b"map")
         self._chunks = self.env.open_db(b"chunks")
         self._pending = self.env.open_db(b"pending")
+        self._writeback = WritebackKicker(self.path / "data.mdb")
         self._check_format(create)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -256,6 +258,7 @@ class Store:
 
     def close(self) -> None:
         with self._write_lock, self._guard.exclusive():
+            self._writeback.close()
             self.env.close()
 
     def __enter__(self) -> Store:
@@ -283,8 +286,17 @@ class Store:
         with self._write_lock:
             while True:
                 try:
-                    with self._guard.shared(), self.env.begin(write=True) as txn:
-                        return fn(txn)
+                    with self._guard.shared():
+                        txn = self.env.begin(write=True)
+                        try:
+                            result = fn(txn)
+                        except BaseException:
+                            txn.abort()
+                            raise
+                        # A failed commit aborts the transaction by itself.
+                        with self._writeback.during():
+                            txn.commit()
+                        return result
                 except lmdb.MapFullError:
                     with self._guard.exclusive():
                         self._grow_map()
