@@ -196,12 +196,14 @@ def main() -> None:
     parser.add_argument("--fill", type=float, default=1.0,
                         help="fraction of the device holding random data (default: all)")
     parser.add_argument("--dir", default="/var/tmp", help="where images and stores go")
-    parser.add_argument("--freeze-cycles", type=int, default=30)
+    parser.add_argument("--freeze-cycles", type=int, default=30,
+                        help="freeze windows to measure (0: skip the freeze part)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nbdsink-bench-sender-", dir=args.dir))
     try:
         bench_sync(work, args.size, args.fill)
-        bench_freeze(work, args.freeze_cycles)
+        if args.freeze_cycles > 0:
+            bench_freeze(work, args.freeze_cycles)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

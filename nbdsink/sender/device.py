@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import threading
+from collections.abc import Sequence
 
 from nbdsink.sender.errors import DeviceError
 
@@ -86,6 +87,14 @@ class Device:
         finally:
             view.release()
         return bytes(memoryview(buf)[:length])
+
+    def pread_many(self, pieces: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read each ``(offset, length)`` of ``pieces`` as :meth:`pread` does (blocking).
+
+        One call for a whole batch of scattered chunks: the caller pays one worker-thread
+        round trip per batch instead of one per chunk.
+        """
+        return [self.pread(length, offset) for offset, length in pieces]
 
     def _buffer(self, length: int) -> mmap.mmap:
         """A page-aligned buffer of at least ``length`` bytes, one per thread, reused."""

@@ -54,6 +54,25 @@ def split(extents: Iterable[Extent], max_len: int) -> Iterator[Extent]:
             off += n
 
 
+def batches(pieces: Iterable[Extent], max_len: int) -> Iterator[list[Extent]]:
+    """Group consecutive pieces into batches of at most ``max_len`` bytes, in order.
+
+    A batch is read in one worker-thread call: scattered small chunks then cost one thread
+    round trip per ``max_len`` bytes instead of one per chunk. A piece longer than
+    ``max_len`` forms a batch of its own.
+    """
+    batch: list[Extent] = []
+    nbytes = 0
+    for off, length in pieces:
+        if batch and nbytes + length > max_len:
+            yield batch
+            batch, nbytes = [], 0
+        batch.append((off, length))
+        nbytes += length
+    if batch:
+        yield batch
+
+
 @dataclass(frozen=True)
 class Write:
     """Data to write at ``offset``."""

@@ -1,10 +1,16 @@
 """Moving chunks from the device to the remote: read, classify, a window of requests in flight.
 
-One producer reads the device in large pieces (O_DIRECT, in a worker thread under a
-:class:`trio.CapacityLimiter`), splits each piece into zero and data runs, and puts the
-resulting requests on a bounded channel; ``window`` writer tasks take them off and issue
-them concurrently on the NBD connection. The channel bound and the window bound the memory
-in use (about ``2 * window * max_request`` bytes) whatever the size of the work.
+The extents are cut into pieces of at most ``max_request`` bytes and the pieces grouped
+into *batches* of at most ``max_request`` bytes (a large extent is one piece per batch; up
+to ``max_request / chunk_size`` scattered dirty chunks share one). Each batch is read in a
+single worker-thread call (O_DIRECT, under a :class:`trio.CapacityLimiter` of
+``read_threads``), and up to ``read_threads`` batches are read at once, ahead of the one
+being turned into requests, so the device's latency overlaps itself and the sending. The
+producer takes the batches in device order, splits each piece into zero and data runs, and
+puts the requests on a bounded channel; ``window`` writer tasks take them off and issue
+them concurrently on the NBD connection. The read-ahead, the channel bound and the window
+bound the memory in use (about ``(2 * window + read_threads + 2) * max_request`` bytes)
+whatever the size of the work.
 
 In *compare* mode (the first sync against a remote that may already hold data, or a resync
 after the tracker lost track) each piece is compared with the remote first: chunks the
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +30,16 @@ import trio
 
 from nbdsink.sender.device import Device
 from nbdsink.sender.groups import open_nursery
-from nbdsink.sender.plan import Extent, Op, Write, Zero, ZeroMerger, ops_for_buffer, split
+from nbdsink.sender.plan import (
+    Extent,
+    Op,
+    Write,
+    Zero,
+    ZeroMerger,
+    batches,
+    ops_for_buffer,
+    split,
+)
 from nbdsink.sender.progress import Progress
 from nbdsink.sender.ratelimit import RateLimiter
 
@@ -85,6 +100,7 @@ class TransferConfig:
     window: int = 8
     """Requests in flight at once."""
     read_threads: int = 2
+    """Batches of device reads in flight at once."""
 
 
 class ZeroMap:
@@ -116,42 +132,88 @@ class Transfer:
         self.limiter = limiter or RateLimiter(0)
         self._read_limiter = trio.CapacityLimiter(config.read_threads)
 
-    async def read(self, length: int, offset: int) -> bytes:
+    async def read_batch(self, pieces: Sequence[Extent]) -> list[bytes]:
+        """The device's content at each of ``pieces``, read in one worker-thread call."""
         return await trio.to_thread.run_sync(
-            self.device.pread, length, offset, limiter=self._read_limiter
+            self.device.pread_many, pieces, limiter=self._read_limiter
         )
 
     # -- producing requests -------------------------------------------------------------
 
-    async def ops(
+    async def produce(
         self,
         extents: Iterable[Extent],
+        out: trio.MemorySendChannel[Op],
         *,
         remote: RemoteView | None = None,
         on_skip: Callable[[int], None] | None = None,
         stats: TransferStats | None = None,
         note: Note | None = None,
-    ) -> AsyncIterator[Op]:
-        """The requests that make the remote equal the device over ``extents``."""
+    ) -> None:
+        """Put on ``out`` the requests that make the remote equal the device over ``extents``.
+
+        The requests come in device order; ``out`` is closed at the end.
+        """
+        async with out:
+            await self._produce(extents, out, remote, on_skip, stats, note)
+
+    async def _produce(
+        self,
+        extents: Iterable[Extent],
+        out: trio.MemorySendChannel[Op],
+        remote: RemoteView | None,
+        on_skip: Callable[[int], None] | None,
+        stats: TransferStats | None,
+        note: Note | None,
+    ) -> None:
         cs = self.config.chunk_size
         merger = ZeroMerger(self.config.max_zero)
         zeros = ZeroMap(await remote.zero_extents()) if remote is not None else None
-        for off, length in split(extents, self.config.max_request):
-            buf = await self.read(length, off)
-            if remote is None or zeros is None:
-                produced = list(ops_for_buffer(off, buf, cs))
-            else:
-                produced, skipped = await self._compare(off, buf, remote, zeros, note)
-                if skipped:
-                    if stats is not None:
-                        stats.bytes_skipped += skipped
-                    if on_skip is not None:
-                        on_skip(skipped)
-            for op in produced:
-                for ready in merger.push(op):
-                    yield ready
-        for ready in merger.flush():
-            yield ready
+        # The channel holds batches whose reads were started, in order: one being waited
+        # for here, ``read_threads - 1`` queued, one more held by the reader that started
+        # it. That keeps ``read_threads`` reads busy without reading further ahead.
+        ahead_send, ahead_recv = trio.open_memory_channel[_Batch](
+            max(0, self.config.read_threads - 1)
+        )
+        async with open_nursery() as nursery:
+            nursery.start_soon(self._read_ahead, extents, ahead_send, nursery)
+            async with ahead_recv:
+                async for batch in ahead_recv:
+                    await batch.done.wait()
+                    data, batch.data = batch.data, []
+                    for (off, _), buf in zip(batch.pieces, data, strict=True):
+                        if remote is None or zeros is None:
+                            produced = list(ops_for_buffer(off, buf, cs))
+                        else:
+                            produced, skipped = await self._compare(off, buf, remote, zeros, note)
+                            if skipped:
+                                if stats is not None:
+                                    stats.bytes_skipped += skipped
+                                if on_skip is not None:
+                                    on_skip(skipped)
+                        for op in produced:
+                            for ready in merger.push(op):
+                                await out.send(ready)
+            for ready in merger.flush():
+                await out.send(ready)
+
+    async def _read_ahead(
+        self,
+        extents: Iterable[Extent],
+        ahead: trio.MemorySendChannel[_Batch],
+        nursery: trio.Nursery,
+    ) -> None:
+        """Start reading each batch of ``extents`` and queue it, in order, on ``ahead``."""
+        max_request = self.config.max_request
+        async with ahead:
+            for pieces in batches(split(extents, max_request), max_request):
+                batch = _Batch(pieces)
+                nursery.start_soon(self._read_into, batch)
+                await ahead.send(batch)
+
+    async def _read_into(self, batch: _Batch) -> None:
+        batch.data = await self.read_batch(batch.pieces)
+        batch.done.set()
 
     async def _compare(
         self, off: int, buf: bytes, remote: RemoteView, zeros: ZeroMap, note: Note | None
@@ -208,11 +270,9 @@ class Transfer:
             for _ in range(self.config.window):
                 nursery.start_soon(self._writer, recv_ch.clone(), stats, progress, note)
             await recv_ch.aclose()
-            async with send_ch:
-                async for op in self.ops(
-                    extents, remote=remote, on_skip=on_skip, stats=stats, note=note
-                ):
-                    await send_ch.send(op)
+            await self.produce(
+                extents, send_ch, remote=remote, on_skip=on_skip, stats=stats, note=note
+            )
         return stats
 
     async def push(
@@ -256,9 +316,25 @@ class Transfer:
                     progress.advance(op.length)
 
 
+class _Batch:
+    """Pieces being read together; ``data`` holds their contents once ``done`` is set."""
+
+    def __init__(self, pieces: list[Extent]) -> None:
+        self.pieces = pieces
+        self.data: list[bytes] = []
+        self.done = trio.Event()
+
+
 async def collect(transfer: Transfer, extents: Iterable[Extent]) -> list[Op]:
     """Read ``extents`` into memory as requests (used while a filesystem is frozen)."""
-    return [op async for op in transfer.ops(extents)]
+    ops: list[Op] = []
+    send_ch, recv_ch = trio.open_memory_channel[Op](transfer.config.window)
+    async with open_nursery() as nursery:
+        nursery.start_soon(transfer.produce, extents, send_ch)
+        async with recv_ch:
+            async for op in recv_ch:
+                ops.append(op)
+    return ops
 
 
 __all__ = [
