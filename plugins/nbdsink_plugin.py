@@ -10,6 +10,8 @@ a source checkout (its parent folder and its ``.venv``).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -73,9 +75,28 @@ def config_complete() -> None:
         raise RuntimeError("missing store=DIR")
 
 
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def _one_malloc_arena() -> None:
+    """Make every thread allocate from one glibc arena.
+
+    Ingest allocates a chunk in the thread that received it and frees it in the thread that
+    saved it; LMDB allocates and frees a commit's dirty pages in the saving thread. With an
+    arena per thread, memory freed in one arena is no use to the next allocation in another,
+    heaps grow and shrink, and the kernel faults fresh zeroed pages in again and again.
+    Measured on 1 GiB of new data: 137k -> 57k page faults, 10% less CPU. Allocations are
+    few (one per 64 KiB block), so the shared arena's lock is not contended.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: only slower
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+
+
 def after_fork() -> None:
     # LMDB must not be opened before nbdkit forks into the background, so open here.
     global _store, _heads, _lock_fd
+    # Before nbdkit starts the threads that serve connections, so they all use it.
+    _one_malloc_arena()
     path = Path(_config["store"])
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
