@@ -3,7 +3,7 @@
 Without a freeze::
 
     checkpoint -> send dirty (+ pending) -> FLUSH (commit, consistency=none)
-               -> save state (acknowledged generation, nothing pending) -> tracker.acknowledge
+               -> save state (acknowledged generation, nothing pending) + tracker.acknowledge
 
 With a freeze, converge first, then freeze only for the small remainder::
 
@@ -11,7 +11,7 @@ With a freeze, converge first, then freeze only for the small remainder::
             -> tracker.acknowledge            (until the rest would fit in --max-freeze)
     pre-hook -> FIFREEZE -> checkpoint -> read the remainder into memory -> FITHAW -> post-hook
              -> send it -> FLUSH on a head opened with consistency=frozen;frozen_at=...
-             -> save state -> tracker.acknowledge
+             -> save state + tracker.acknowledge
 
 If the remainder is too large, or reading it overruns --max-freeze, the filesystem is thawed
 at once, what was checkpointed is sent as another converge round, and the freeze is tried
@@ -19,11 +19,14 @@ again: the applications are never stalled for longer than the bound.
 
 Nothing is lost on any failure: a chunk leaves the tracker (``acknowledge``) only once it
 is either committed remotely or recorded in the state directory's ``pending`` list, which
-the next attempt resends. The state is saved only after the remote acknowledged the FLUSH.
+the next attempt resends. The state is saved only after the remote acknowledged the FLUSH;
+that save and the acknowledge after it (``+`` above) run at once, since losing either to a
+crash only makes the next start resend.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +36,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
+from nbdsink.sender.groups import open_nursery
 from nbdsink.sender.plan import Extent, Op, total, union
 from nbdsink.sender.progress import Progress
 from nbdsink.sender.state import SenderState, StateDir
@@ -193,8 +197,12 @@ class Cycle:
         """Would reading ``nbytes`` take at most half the freeze budget?"""
         return nbytes / self.read_rate <= self.options.max_freeze / 2
 
-    def _save(self) -> None:
-        self.state_dir.save(self.state)
+    async def _save(self, *, durable: bool = True) -> None:
+        # A worker thread: the fsyncs can take a while on a busy disk, and the event loop
+        # has signals to answer meanwhile.
+        await trio.to_thread.run_sync(
+            functools.partial(self.state_dir.save, self.state, durable=durable)
+        )
 
     async def _acknowledge(self, generation: int) -> None:
         await self._tracker(self.tracker.acknowledge, generation)
@@ -202,8 +210,21 @@ class Cycle:
     async def _record_pending(self, extents: list[Extent], generation: int) -> None:
         """``extents`` were sent but not committed: remember them, then let the tracker forget."""
         self.state.pending = union(self.state.pending, extents)
-        self._save()
+        # Durable before the acknowledge: once the tracker forgot these chunks, the state's
+        # pending list is the only record that they still need a commit.
+        await self._save()
         await self._acknowledge(generation)
+
+    async def _settle(self, generation: int) -> None:
+        """Everything up to ``generation`` is committed remotely: save that, let the tracker forget.
+
+        Neither step needs the other first, so they run at once, and the save need not be
+        durable: whichever is lost to a crash, the restarted sender only resends (the older
+        state's pending chunks, or the generations the tracker still reports), never misses.
+        """
+        async with open_nursery() as nursery:
+            nursery.start_soon(functools.partial(self._save, durable=False))
+            nursery.start_soon(self._acknowledge, generation)
 
     async def _commit(
         self, ds: DirtySet, consistency: str, labels: Mapping[str, str], captured: datetime
@@ -218,8 +239,7 @@ class Cycle:
             self.state.last_captured_at = iso(captured)
             self.state.last_commit_at = iso(now)
             self.state.last_consistency = consistency
-        self._save()
-        await self._acknowledge(ds.generation)
+        await self._settle(ds.generation)
         return version
 
     # -- the cycle ----------------------------------------------------------------------
@@ -250,8 +270,7 @@ class Cycle:
             version = await self._commit(ds, "none", {}, captured)
         else:
             self.state.acked_generation = ds.generation
-            self._save()
-            await self._acknowledge(ds.generation)
+            await self._settle(ds.generation)
         return CycleResult(version, ds.generation, "none", iso(captured), stats)
 
     async def _run_frozen(self, full: bool, freezer: Freezer) -> CycleResult:
@@ -265,8 +284,7 @@ class Cycle:
         if not extents:
             # Nothing written since the last commit: no freeze, no version.
             self.state.acked_generation = ds.generation
-            self._save()
-            await self._acknowledge(ds.generation)
+            await self._settle(ds.generation)
             return CycleResult(None, ds.generation, "frozen", iso(utc_now()), stats)
         for attempt in range(1, opts.freeze_attempts + 1):
             # Converge: send while the filesystem runs, sync, look again; at least once per

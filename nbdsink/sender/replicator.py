@@ -10,6 +10,7 @@ directory belongs to another replication) stop the sender with a clear message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -259,6 +260,10 @@ class Replicator:
             self.cycles += 1
             self.backoff.reset()
             self._log_cycle(result, previous_capture, state)
+            # The cycle's record is for status reports only: no need for a durable save.
+            await trio.to_thread.run_sync(
+                functools.partial(self.state_dir.save, state, durable=False)
+            )
             if opts.once:
                 return
             await trio.sleep_until(started + opts.interval)
@@ -295,7 +300,6 @@ class Replicator:
             freeze_seconds=result.freeze_seconds, lag_seconds=lag,
         )
         state.last_error = None
-        self.state_dir.save(state)
 
     def _record_error(self, exc: BaseException) -> None:
         try:

@@ -115,11 +115,20 @@ class StateDir:
         except (ValueError, TypeError) as exc:
             raise StateError(f"{self.state_file} is not a valid state file: {exc}") from exc
 
-    def save(self, state: SenderState) -> None:
-        """Replace the state atomically and durably."""
-        self._write_atomic(self.state_file, json.dumps(state.to_json(), indent=1) + "\n")
+    def save(self, state: SenderState, *, durable: bool = True) -> None:
+        """Replace the state atomically and, unless ``durable`` is False, durably.
 
-    def _write_atomic(self, target: Path, text: str) -> None:
+        Either way the new file's content is on disk before the rename, so a crash never
+        leaves a torn or empty state. ``durable=False`` skips the directory fsync that makes
+        the rename itself survive a crash: for a save whose loss only means redoing work
+        (the state after a commit: a lost one resends its pending chunks), not one that
+        must outlive the tracker forgetting chunks (the pending list before an acknowledge).
+        """
+        self._write_atomic(
+            self.state_file, json.dumps(state.to_json(), indent=1) + "\n", durable=durable
+        )
+
+    def _write_atomic(self, target: Path, text: str, *, durable: bool = True) -> None:
         tmp = target.with_name(target.name + ".tmp")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -130,7 +139,8 @@ class StateDir:
             finally:
                 os.close(fd)
             os.rename(tmp, target)
-            self._fsync_dir()
+            if durable:
+                self._fsync_dir()
         except OSError as exc:
             raise StateError(f"cannot write {target}: {exc.strerror}") from exc
 
