@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import random
 import struct
@@ -32,6 +33,7 @@ from tracker.conformance import (
     write_direct,
 )
 
+from nbdsink.testing import run_cli
 from nbdsink.tracker import dm
 from nbdsink.tracker.base import TrackerError, TrackingLost
 from vm.conftest import kernel_problems, remove_dm_stack
@@ -133,6 +135,22 @@ def test_interposed_online_under_a_mounted_filesystem(linear: Callable[..., str]
     fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
     assert "linear" in table_of("online")
+
+
+def test_track_cli_with_the_dm_backend(linear: Callable[..., str]) -> None:
+    """``nbdsink track`` drives the dm backend like the others (found through the registry)."""
+    dev = linear("cli")
+    start_out = run_cli("track", "start", dev, "--backend", "dm", "--chunk-size", "64K").stdout
+    assert "dm backend" in start_out
+    _write_chunks(dev, [7])
+    got = json.loads(run_cli("track", "checkpoint", dev, "--json").stdout)
+    assert [7 * CS, CS] in got["extents"]
+    listed = json.loads(run_cli("track", "status", "--json").stdout)
+    assert [s["backend"] for s in listed] == ["dm"] and listed[0]["chunk_size"] == CS
+    twice = run_cli("track", "start", dev, "--backend", "dm", check=False)
+    assert twice.returncode != 0 and "nbdsink: error:" in twice.stderr and "already tracked" in twice.stderr
+    run_cli("track", "stop", dev)
+    assert "linear" in table_of("cli")
 
 
 # -- persistence ---------------------------------------------------------------------------------
