@@ -95,9 +95,12 @@ class TargetInfo:
 # -- dmsetup ---------------------------------------------------------------------------------
 
 
-def _dmsetup(*args: str, check: bool = True) -> str:
+def _dmsetup(*args: str, check: bool = True, table: str | None = None) -> str:
+    """Run dmsetup; ``table`` goes through stdin (never argv: dm-crypt tables hold keys)."""
     try:
-        proc = subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["dmsetup", *args], input=table, capture_output=True, text=True, check=False
+        )
     except FileNotFoundError:
         raise TrackerError("dmsetup is not installed (Debian package dmsetup)") from None
     if check and proc.returncode != 0:
@@ -106,8 +109,9 @@ def _dmsetup(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def _table(name: str) -> list[list[str]]:
-    return [line.split() for line in _dmsetup("table", name).splitlines() if line.strip()]
+def _table(name: str, keys: bool = False) -> list[list[str]]:
+    args = ("table", "--showkeys", name) if keys else ("table", name)
+    return [line.split() for line in _dmsetup(*args).splitlines() if line.strip()]
 
 
 def _is_nbdsink_table(table: list[list[str]]) -> bool:
@@ -246,12 +250,13 @@ def start(device: str, chunk_size: int, metadata: str | None = None) -> DmTracke
     if metadata is not None:
         _forget_old_metadata(metadata)
     sectors = dm.size // SECTOR
-    _dmsetup("create", origin, "--table", "\n".join(" ".join(t) for t in table))
+    original = "\n".join(" ".join(t) for t in _table(dm.name, keys=True)) + "\n"
+    _dmsetup("create", origin, table=original)
     try:
         line = f"0 {sectors} {TARGET} /dev/mapper/{origin} {chunk_size // SECTOR}"
         if metadata is not None:
             line += f" {metadata}"
-        _dmsetup("reload", dm.name, "--table", line)
+        _dmsetup("reload", dm.name, table=line + "\n")
         try:
             _dmsetup("resume", dm.name)
         except TrackerError:
@@ -390,10 +395,10 @@ class DmTracker(Tracker):
         under = table[0][3]
         origin = _origin_name(under)
         if origin is not None:
-            restored = "\n".join(" ".join(t) for t in _table(origin))
+            restored = "\n".join(" ".join(t) for t in _table(origin, keys=True))
         else:
             restored = f"0 {table[0][1]} linear {under} 0"
-        _dmsetup("reload", self.name, "--table", restored)
+        _dmsetup("reload", self.name, table=restored + "\n")
         _dmsetup("resume", self.name)
         if origin is not None:
             _dmsetup("remove", origin)

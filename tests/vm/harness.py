@@ -74,6 +74,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /newroot/run/vm 
 release=$(uname -r)
 mkdir -p /newroot/usr/lib/modules
 ln -sfn "$(cat /modules.root)/lib/modules/$release" "/newroot/usr/lib/modules/$release"
+# The kernel's own module requests (crypto algorithms, ...) run /sbin/modprobe in init's
+# root, which is this initramfs: forward them into the chroot.
+mkdir -p /sbin
+printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' > /sbin/modprobe
+chmod 755 /sbin/modprobe
 echo "nbdsink-vm: running"
 chroot /newroot /bin/sh -c '. /run/vm/cmd.sh' >/newroot/run/vm/output 2>&1
 echo $? > /newroot/run/vm/status

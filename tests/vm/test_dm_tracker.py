@@ -137,6 +137,29 @@ def test_interposed_online_under_a_mounted_filesystem(linear: Callable[..., str]
     assert "linear" in table_of("online")
 
 
+def test_tracks_a_dm_crypt_device(make_loop: Callable[[int], str], make_dm: Callable[[str, str], str]) -> None:
+    """Interposing copies the table with its key (through stdin) and restores it exactly."""
+    subprocess.run(["modprobe", "dm-crypt"], check=True)
+    loop = make_loop(16 * MIB)
+    key = os.urandom(64).hex()
+    dev = make_dm("secret", f"0 {16 * MIB // 512} crypt aes-xts-plain64 {key} 0 {loop} 0")
+    before = subprocess.run(["dmsetup", "table", "--showkeys", "secret"], capture_output=True, text=True).stdout
+    tracker = dm.start(dev, CS)
+    payload = os.urandom(4096)
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        write_direct(fd, 9 * CS, payload)
+    finally:
+        os.close(fd)
+    assert reported_chunks(tracker.checkpoint()) == {9}
+    tracker.stop()
+    after = subprocess.run(["dmsetup", "table", "--showkeys", "secret"], capture_output=True, text=True).stdout
+    assert after == before
+    with open(dev, "rb") as f:
+        f.seek(9 * CS)
+        assert f.read(4096) == payload
+
+
 def test_track_cli_with_the_dm_backend(linear: Callable[..., str]) -> None:
     """``nbdsink track`` drives the dm backend like the others (found through the registry)."""
     dev = linear("cli")
