@@ -70,6 +70,15 @@ mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mkdir -p /newroot/run/vm /newroot/run/lock
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share /newroot/run/vm \
     || fail "cannot mount the result share"
+# Host folders that the tmpfs mounts above hide (a checkout under /tmp, say) come back as
+# overlays of their own, writable in the guest like the rest.
+n=0
+for path in $(cat /newroot/run/vm/overlays 2>/dev/null); do
+    n=$((n + 1))
+    mkdir -p "/upper/o$n/data" "/upper/o$n/work" "/newroot$path"
+    mount -t overlay -o "lowerdir=/lower$path,upperdir=/upper/o$n/data,workdir=/upper/o$n/work" \
+        overlay "/newroot$path" || fail "cannot overlay $path"
+done
 # Give the guest's own kernel its modules (the host has none), so modprobe works in it.
 release=$(uname -r)
 mkdir -p /newroot/usr/lib/modules
@@ -87,6 +96,21 @@ umount /newroot/run/vm
 echo "nbdsink-vm: done"
 poweroff -f
 """
+
+
+GUEST_TMPFS = ("/tmp", "/run", "/dev/shm")
+"""Where the guest mounts fresh tmpfs over the host's root, hiding what the host has there."""
+
+
+def _hidden_paths(cwd: Path) -> list[str]:
+    """The repository and ``cwd`` when a guest tmpfs would hide them (a clone in /tmp)."""
+    out: list[str] = []
+    for path in (REPO.resolve(), Path(cwd).resolve()):
+        text = str(path)
+        hidden = any(text == t or text.startswith(t + "/") for t in GUEST_TMPFS)
+        if hidden and not any(text == o or text.startswith(o + "/") for o in out):
+            out.append(text)
+    return out
 
 
 class VmError(Exception):
@@ -307,6 +331,7 @@ def run(
         script = "".join(f"export {key}={shlex.quote(val)}\n" for key, val in guest_env.items())
         script += f"cd {shlex.quote(str(cwd))} || exit 125\n{command}\n"
         (share / "cmd.sh").write_text(script)
+        (share / "overlays").write_text("".join(f"{p}\n" for p in _hidden_paths(cwd)))
         console = console_log or Path(tmp) / "console.log"
         argv = [
             QEMU,
