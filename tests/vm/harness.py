@@ -102,7 +102,7 @@ GUEST_TMPFS = ("/tmp", "/run", "/dev/shm")
 """Where the guest mounts fresh tmpfs over the host's root, hiding what the host has there."""
 
 
-def _hidden_paths(cwd: Path) -> list[str]:
+def _hidden_paths(cwd: str | Path) -> list[str]:
     """The repository and ``cwd`` when a guest tmpfs would hide them (a clone in /tmp)."""
     out: list[str] = []
     for path in (REPO.resolve(), Path(cwd).resolve()):
