@@ -82,9 +82,11 @@ def test_device_disappears_mid_cycle(tmp_path: Path) -> None:
             first = Sender(tmp_path / "first.log", dev, srv.uri("vol"), "--state", str(state),
                            "--once")
             assert first.wait(60) == 0, first.text()
-            _fill(dev, 0, 40 * MiB)
+            # The sender reads up to ~32 MiB ahead of what it has sent: dirty the whole device
+            # and send slowly, so that most of it is still to be read when the device goes.
+            _fill(dev, 0, SIZE)
             sender = Sender(tmp_path / "sender.log", dev, srv.uri("vol"), "--state", str(state),
-                            "--once", "--rate", "8M", "--window", "2")
+                            "--once", "--rate", "4M", "--window", "2")
             time.sleep(1.5)
             os.truncate(img, 0)
             run("losetup", "-c", dev)
