@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import site
 import sys
@@ -37,6 +36,7 @@ _add_site_dirs()
 
 from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
 from nbdsink.store import Store  # noqa: E402
+from nbdsink.store.serve_lock import take_serve_lock  # noqa: E402
 
 API_VERSION = 2
 
@@ -98,13 +98,7 @@ def after_fork() -> None:
     # Before nbdkit starts the threads that serve connections, so they all use it.
     _one_malloc_arena()
     path = Path(_config["store"])
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RuntimeError(f"another nbdsink server is serving {path}") from None
-    _lock_fd = fd
+    _lock_fd = take_serve_lock(path)
     kwargs: dict[str, Any] = {}
     if "map_size" in _config:
         kwargs["map_size"] = int(nbdkit.parse_size(_config["map_size"]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import os
 import shutil
 import signal
@@ -17,7 +16,8 @@ from typing import Any
 import nbdsink
 from nbdsink.cli.common import add_store_argument, store_path
 from nbdsink.errors import NbdsinkError, UsageError
-from nbdsink.store import Store, StoreLocked
+from nbdsink.store import Store
+from nbdsink.store.serve_lock import take_serve_lock
 
 PLUGIN = Path(nbdsink.__file__).resolve().parent.parent / "plugins" / "nbdsink_plugin.py"
 
@@ -84,16 +84,6 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
     return cmd
 
 
-def _check_not_served(store: str) -> None:
-    fd = os.open(Path(store) / "serve.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise StoreLocked(f"another nbdsink server is serving {store}") from None
-    finally:
-        os.close(fd)
-
-
 def _clear_stale_socket(path: str) -> None:
     if not os.path.exists(path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Open (and create) the store here first so that a bad store is a clear error now, not
     # a traceback in nbdkit's log later.
     Store(store, create=True).close()
-    _check_not_served(store)
+    # Fail here, clearly, if another server holds the store (nbdkit takes it for good).
+    os.close(take_serve_lock(store))
     if not args.listen:
         _clear_stale_socket(args.socket or "/run/nbdsink.sock")
     cmd = nbdkit_command(args, store)

@@ -137,10 +137,6 @@ class Head:
     def unsaved(self) -> bool:
         return bool(self._filling.blocks)
 
-    @property
-    def has_pending(self) -> bool:
-        return self.unsaved or self._saving is not None or self._counters.blocks_changed > 0
-
     def _overlays(self) -> list[Batch]:
         return [self._filling] if self._saving is None else [self._filling, self._saving]
 
