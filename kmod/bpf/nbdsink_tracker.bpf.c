@@ -12,14 +12,14 @@
  * "flip" program below, then waits until no program run can still be marking the old bitmap,
  * then reads and clears it.
  *
- * Why a global "active" counter and not something else: a run increments ctl->active, then
- * reads seq, marks, and decrements ctl->active, all with fully ordered atomics. If userspace
- * observes active == 0 at any instant after its (atomic) flip, every run that read the old seq
- * has finished: such a run incremented active before the flip and had not decremented it yet
- * when the flip happened, so active was non-zero from then until it finished. Runs starting
- * after the flip read the new seq. The counter costs two atomics per completed request on one
- * cache line, which is negligible next to the I/O itself, and needs no spin lock (not
- * available to tracing programs) and no per-CPU snapshot logic.
+ * Why a per-CPU "active" counter: a run increments its CPU's counter, then reads seq, marks,
+ * and decrements the counter, with fully ordered atomics. If userspace observes a CPU's
+ * counter at 0 at any instant after its (atomic) flip, every run on that CPU that read the old
+ * seq has finished: such a run incremented the counter before the flip and had not
+ * decremented it yet when the flip happened, so the counter was non-zero from then until it
+ * finished (a run cannot migrate to another CPU). Runs starting after the flip read the new
+ * seq. Userspace checks each CPU in turn; no instant common to all CPUs is needed. Kept per
+ * CPU, the two atomics stay on a cache line no other CPU writes, so they cost a few cycles.
  *
  * Hooks:
  *  - tp_btf/block_rq_complete: request-based devices (loop, virtio, nvme, scsi). It fires in
@@ -32,12 +32,24 @@
  *    never lose).
  * The loader attaches only the hooks matching the device type.
  *
- * Every hook is attached twice (programs *_a and *_b, same code). The kernel skips a tracing
- * program that is already running on the CPU, so a completion interrupting another on the
- * same CPU would otherwise go unseen; with two copies, a nested event is still handled by the
- * copy that is not running. Marking is idempotent, and the second copy finds the bits already
- * set, so it costs little. Deeper nesting is caught by the loader, which compares the
- * programs' recursion-miss counters at each checkpoint and then marks everything dirty.
+ * Every hook is attached twice (programs *_a and *_b). The kernel skips a tracing program
+ * that is already running on the CPU (recursion protection), so a completion interrupting
+ * another on the same CPU would go unseen with one copy. The copies run in attach order, a
+ * then b, for every event; they split the work so that each event is handled once:
+ *  - a records the event (the request or bio pointer) in its CPU's pcpu->last[hook] as its
+ *    very first action, then handles it;
+ *  - b handles the event unless pcpu->last[hook] names it, in which case a took it: b then
+ *    clears the slot and returns at once. That is the common case, and costs b one per-CPU
+ *    load.
+ * A nested event (one completing while a runs on this CPU, from an interrupt) finds a
+ * skipped by the kernel and the slot holding the outer event (or 0, or an older event b has
+ * not cleared), never the nested one: b handles it. That holds wherever in a's run, or in
+ * the kernel's code around it, the interruption lands. b skips an event only if the slot
+ * names it; the slot can only keep a stale value when a run of b was itself skipped or
+ * interrupted, and that (like any nesting two deep, which both copies miss) shows in b's
+ * recursion-miss counter. The loader compares the b copies' counters at each checkpoint and
+ * then marks everything dirty. A miss of a alone loses nothing (b took the event), so it is
+ * not counted. With only one copy attached (during start or stop) b handles everything.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -55,6 +67,12 @@ char LICENSE[] SEC("license") = "GPL";
 
 const volatile struct nbdsink_cfg cfg = {};
 
+/* Slots of struct nbdsink_pcpu.last, one per hook, so that hooks nesting in one another
+ * (a bio completing while another is queued) never mistake each other's events. */
+#define NBDSINK_HOOK_RQ 0
+#define NBDSINK_HOOK_BIO_QUEUE 1
+#define NBDSINK_HOOK_BIO_COMPLETE 2
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -62,6 +80,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct nbdsink_ctl);
 } ctl SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nbdsink_pcpu);
+} pcpu SEC(".maps");
 
 /* Two bitmaps of cfg.words u64 each: bit c of bitmap g = chunk c written in generation g. */
 struct {
@@ -102,10 +127,13 @@ static __always_inline void set_word(__u32 base, __u32 sbase, __u64 w, __u64 mas
 
 	if (!p)
 		return;
-	/* Skip the atomic when the bits are already set: hot chunks are written over and over,
-	 * and a plain read keeps their cache line shared. */
-	if ((*p & mask) != mask)
-		__sync_fetch_and_or(p, mask);
+	/* Hot chunks are written over and over: when their bits are already set, a plain read
+	 * keeps the cache line shared, and the summary bit needs no look either. A non-zero word
+	 * always has its summary bit set once the run that set its first bit has finished, and a
+	 * checkpoint waits for every run still marking the bitmap it closes. */
+	if ((*p & mask) == mask)
+		return;
+	__sync_fetch_and_or(p, mask);
 	key = sbase + (__u32)(w >> 6);
 	p = bpf_map_lookup_elem(&summ, &key);
 	if (p && !(*p & (1ULL << (w & 63))))
@@ -144,6 +172,7 @@ __noinline int mark(__u64 sector, __u64 nr)
 	__u64 s = sector, e = sector + nr;
 	__u32 zero = 0;
 	struct nbdsink_ctl *c;
+	struct nbdsink_pcpu *pc;
 	struct loop_ctx lc;
 	__u64 idx, nwords;
 
@@ -154,13 +183,14 @@ __noinline int mark(__u64 sector, __u64 nr)
 	if (e > end)
 		e = end;
 	c = bpf_map_lookup_elem(&ctl, &zero);
-	if (!c)
+	pc = bpf_map_lookup_elem(&pcpu, &zero);
+	if (!c || !pc)
 		return 0;
 	lc.c0 = (s - start) >> cfg.chunk_shift;
 	lc.c1 = (e - 1 - start) >> cfg.chunk_shift;
 
 	/* The fetch variants are fully ordered atomics (see the comment at the top). */
-	if (__sync_fetch_and_add(&c->active, 1) == ~0ULL)
+	if (__sync_fetch_and_add(&pc->active, 1) == ~0ULL)
 		return 0;
 	idx = *(volatile __u64 *)&c->seq & 1;
 	lc.base = (__u32)(idx * cfg.words);
@@ -177,7 +207,7 @@ __noinline int mark(__u64 sector, __u64 nr)
 		else
 			__sync_fetch_and_or(&c->overflow[1], 1);
 	}
-	__sync_fetch_and_sub(&c->active, 1);
+	__sync_fetch_and_sub(&pc->active, 1);
 	return 0;
 }
 
@@ -248,9 +278,32 @@ static __always_inline void on_rq(struct request *rq, unsigned int nr_bytes)
 		mark(rq->__sector, nr);
 }
 
+/* Copy a: claim the event on this CPU, before anything else (see the top of the file). */
+static __always_inline void claim(int hook, void *event)
+{
+	__u32 zero = 0;
+	struct nbdsink_pcpu *pc = bpf_map_lookup_elem(&pcpu, &zero);
+
+	if (pc)
+		pc->last[hook] = (__u64)event;
+}
+
+/* Copy b: true if copy a claimed this event (then b has nothing to do). */
+static __always_inline bool claimed(int hook, void *event)
+{
+	__u32 zero = 0;
+	struct nbdsink_pcpu *pc = bpf_map_lookup_elem(&pcpu, &zero);
+
+	if (!pc || pc->last[hook] != (__u64)event)
+		return false;
+	pc->last[hook] = 0;
+	return true;
+}
+
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(on_rq_complete_a, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
+	claim(NBDSINK_HOOK_RQ, rq);
 	on_rq(rq, nr_bytes);
 	return 0;
 }
@@ -258,7 +311,8 @@ int BPF_PROG(on_rq_complete_a, struct request *rq, blk_status_t error, unsigned 
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(on_rq_complete_b, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	on_rq(rq, nr_bytes);
+	if (!claimed(NBDSINK_HOOK_RQ, rq))
+		on_rq(rq, nr_bytes);
 	return 0;
 }
 
@@ -285,6 +339,7 @@ static __always_inline void on_bio_q(struct bio *bio)
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(on_bio_queue_a, struct bio *bio)
 {
+	claim(NBDSINK_HOOK_BIO_QUEUE, bio);
 	on_bio_q(bio);
 	return 0;
 }
@@ -292,15 +347,15 @@ int BPF_PROG(on_bio_queue_a, struct bio *bio)
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(on_bio_queue_b, struct bio *bio)
 {
-	on_bio_q(bio);
+	if (!claimed(NBDSINK_HOOK_BIO_QUEUE, bio))
+		on_bio_q(bio);
 	return 0;
 }
 
-/* The entry is deleted by the copy that runs last (b), so that the first copy still finds it;
- * if b is skipped the entry stays until the bio is queued again (the table is large).
- * The entry is looked up before the device is checked: a stacking driver (md raid0/linear)
- * may have redirected the very bio to a member disk, so its completion names the member. */
-static __always_inline void on_bio_c(struct bio *bio, bool last)
+/* The copy that handles the completion deletes the entry. The entry is looked up before the
+ * device is checked: a stacking driver (md raid0/linear) may have redirected the very bio to
+ * a member disk, so its completion names the member. */
+static __always_inline void on_bio_c(struct bio *bio)
 {
 	__u64 key = (__u64)bio;
 	struct bio_range *r = bpf_map_lookup_elem(&inflight, &key);
@@ -308,8 +363,7 @@ static __always_inline void on_bio_c(struct bio *bio, bool last)
 
 	if (r) {
 		mark(r->sector, r->nr_sects);
-		if (last)
-			bpf_map_delete_elem(&inflight, &key);
+		bpf_map_delete_elem(&inflight, &key);
 	}
 	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
 		return;
@@ -326,19 +380,22 @@ static __always_inline void on_bio_c(struct bio *bio, bool last)
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(on_bio_complete_a, struct request_queue *q, struct bio *bio)
 {
-	on_bio_c(bio, false);
+	claim(NBDSINK_HOOK_BIO_COMPLETE, bio);
+	on_bio_c(bio);
 	return 0;
 }
 
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(on_bio_complete_b, struct request_queue *q, struct bio *bio)
 {
-	on_bio_c(bio, true);
+	if (!claimed(NBDSINK_HOOK_BIO_COMPLETE, bio))
+		on_bio_c(bio);
 	return 0;
 }
 
 /* Run by the loader (BPF_PROG_TEST_RUN) to open the next generation. Doing the increment
- * here, as an atomic in the kernel, orders it before the loader's later reads of "active". */
+ * here, as an atomic in the kernel, orders it before the loader's later reads of the per-CPU
+ * "active" counters. */
 SEC("syscall")
 int flip(void *ctx)
 {

@@ -17,9 +17,14 @@ struct nbdsink_cfg {
 /* The one entry of the "ctl" map (mmapable, shared with userspace). */
 struct nbdsink_ctl {
 	__u64 seq;          /* number of the open generation; its bitmap is seq & 1 */
-	__u64 active;       /* program runs currently between reading seq and their last mark */
 	__u64 overflow[2];  /* per bitmap: a range could not be marked precisely -> all dirty */
 	__u64 bio_lost;     /* in-flight bio table was full (diagnostic) */
+};
+
+/* The one entry of the per-CPU "pcpu" map. */
+struct nbdsink_pcpu {
+	__u64 active;       /* runs on this CPU between reading seq and their last mark */
+	__u64 last[3];      /* per hook: the event copy a took on this CPU (see the program) */
 };
 
 #endif

@@ -11,7 +11,8 @@ kept in a state file (``/run/nbdsink/tracker/bpf/<device>.json``), which lives e
 the pins (both vanish at reboot). A checkpoint:
 
 1. flips ``seq`` (an atomic in the kernel, via the ``flip`` program),
-2. waits until no program run can still be marking the old bitmap (``active`` reaches 0),
+2. waits until no program run can still be marking the old bitmap (each CPU's ``active``
+   counter is seen at 0),
 3. reads the old bitmap and appends it, as the closed generation, to the state file,
 4. clears the old bitmap.
 
@@ -42,12 +43,14 @@ PIN_ROOT = Path("/sys/fs/bpf/nbdsink")
 STATE_DIR = Path("/run/nbdsink/tracker/bpf")
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "kmod" / "bpf"
 OBJECT_NAME = "nbdsink_tracker.bpf.o"
-STATE_VERSION = 1
+# 2: per-CPU "active" counters (pin "pcpu"); only the b copies' misses count.
+STATE_VERSION = 2
 
-# struct nbdsink_cfg and struct nbdsink_ctl of kmod/bpf/nbdsink_tracker.h.
+# struct nbdsink_cfg, struct nbdsink_ctl and struct nbdsink_pcpu of kmod/bpf/nbdsink_tracker.h.
 _CFG = struct.Struct("<IIQQIIII")
-_CTL_SEQ, _CTL_ACTIVE, _CTL_OVERFLOW = 0, 8, 16
-_CTL_SIZE = 40
+_CTL_SEQ, _CTL_OVERFLOW = 0, 8
+_CTL_SIZE = 32
+_PCPU_SIZE = 32  # u64 active, u64 last[3]
 _WAIT_TIMEOUT = 10.0
 _FULL = (1 << 64) - 1
 
@@ -142,8 +145,10 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
     with locked(_lock_file(dev.name)):
         ensure_bpffs()
         if _state_file(dev.name).exists():
-            if (pins / "ctl").exists():
+            if (pins / "ctl").exists() and _state_version(dev.name) == STATE_VERSION:
                 raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
+            # A tracking this version cannot drive (started by another version) is replaced:
+            # its users learn from open_bpf that it is lost.
             # The pins are gone (bpffs unmounted, removed by hand): that tracking is lost,
             # and whoever used it learns so from open_bpf; a new one may start.
             _state_file(dev.name).unlink()
@@ -183,7 +188,7 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
         for copy in "ab":
             obj.set_autoload(f"{h}_{copy}", f"{h}_{copy}" in progs)
     obj.load()
-    for m in ("ctl", "bits", "summ", "inflight"):
+    for m in ("ctl", "pcpu", "bits", "summ", "inflight"):
         obj.pin_map(m, str(pins / m))
     obj.pin_program("flip", str(pins / "flip"))
     for p in progs:
@@ -206,6 +211,13 @@ def _new_state(dev: BlockDevice, geo: _Geometry, ctl_id: int) -> dict[str, Any]:
         "pending": [],
         "misses": 0,
     }
+
+
+def _state_version(name: str) -> object:
+    try:
+        return read_json(_state_file(name)).get("version")
+    except (OSError, ValueError, TrackerError):
+        return None
 
 
 def _remove_pins(pins: Path) -> None:
@@ -258,7 +270,10 @@ class BpfTracker(Tracker):
     def _load_state(self) -> dict[str, Any]:
         state = read_json(self._state_path)
         if state.get("version") != STATE_VERSION:
-            raise TrackerError(f"{self._state_path}: unknown state version {state.get('version')}")
+            raise TrackingLost(
+                f"{self.device}: tracked by another version of nbdsink (state version "
+                f"{state.get('version')}); start tracking again to replace it"
+            )
         try:
             with libbpf.opened(str(self._pins / "ctl")) as fd:
                 ctl_id = libbpf.obj_id(fd)
@@ -327,20 +342,30 @@ class BpfTracker(Tracker):
     def _flip_and_wait(self) -> None:
         with libbpf.opened(str(self._pins / "flip")) as fd:
             libbpf.test_run(fd)
+        # Each CPU's counter must be seen at 0 once after the flip; CPUs already seen idle
+        # need no second look (see the program's comment).
         deadline = time.monotonic() + _WAIT_TIMEOUT
         spins = 0
-        while struct.unpack_from("<Q", self._ctl, _CTL_ACTIVE)[0] != 0:
-            spins += 1
-            if time.monotonic() > deadline:
-                raise TrackerError(
-                    f"{self.device}: tracker programs did not drain within {_WAIT_TIMEOUT}s "
-                    "(nothing is lost; retry the checkpoint)"
-                )
-            time.sleep(0 if spins < 100 else 0.0005)
+        with libbpf.opened(str(self._pins / "pcpu")) as fd:
+            busy = set(range(len(libbpf.percpu_values(fd, 0, _PCPU_SIZE))))
+            while True:
+                values = libbpf.percpu_values(fd, 0, _PCPU_SIZE)
+                busy = {cpu for cpu in busy if struct.unpack_from("<Q", values[cpu])[0] != 0}
+                if not busy:
+                    return
+                spins += 1
+                if time.monotonic() > deadline:
+                    raise TrackerError(
+                        f"{self.device}: tracker programs did not drain within {_WAIT_TIMEOUT}s "
+                        "(nothing is lost; retry the checkpoint)"
+                    )
+                time.sleep(0 if spins < 100 else 0.0005)
 
     def _misses(self) -> int:
+        # Only the b copies: a run of a skipped by the kernel is handled by b (see the
+        # program's comment); an event both copies miss always shows in b's counter.
         total = 0
-        for p in sorted(self._pins.glob("prog_*")):
+        for p in sorted(self._pins.glob("prog_*_b")):
             with libbpf.opened(str(p)) as fd:
                 total += libbpf.recursion_misses(fd)
         return total
@@ -351,8 +376,8 @@ class BpfTracker(Tracker):
         found, word_idx, summ_idx, _ = self._read_bitmap(idx)
         misses = self._misses()
         if misses != state["misses"]:
-            # The kernel skipped a nested run of our program (a completion interrupting
-            # another on the same CPU): its write is unknown. It may belong to the closed or
+            # The kernel skipped a nested run of the b copy (a completion interrupting
+            # another on the same CPU, two deep): its write may be unknown. It may belong to the closed or
             # to the open generation, so both are marked entirely dirty.
             found = [(0, self._geo.chunks)]
             struct.pack_into("<Q", self._ctl, _CTL_OVERFLOW + 8 * (idx ^ 1), 1)

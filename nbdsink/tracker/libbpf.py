@@ -99,6 +99,8 @@ def lib() -> ctypes.CDLL:
         "bpf_obj_get": ([ctypes.c_char_p], ctypes.c_int),
         "bpf_obj_get_info_by_fd": ([ctypes.c_int, _c_ptr, ctypes.POINTER(ctypes.c_uint32)], ctypes.c_int),
         "bpf_prog_test_run_opts": ([ctypes.c_int, ctypes.POINTER(_TestRunOpts)], ctypes.c_int),
+        "bpf_map_lookup_elem": ([ctypes.c_int, _c_ptr, _c_ptr], ctypes.c_int),
+        "libbpf_num_possible_cpus": ([], ctypes.c_int),
         "libbpf_set_print": ([_PRINT_FN], _c_ptr),
     }
     for name, (argtypes, restype) in sigs.items():
@@ -222,6 +224,16 @@ def run_stats(prog_fd: int) -> tuple[int, int]:
 _RUN_TIME_OFFSET = 192
 _RECURSION_MISSES_OFFSET = 208
 _PROG_INFO_SIZE = 232
+
+
+def percpu_values(map_fd: int, key: int, value_size: int) -> list[bytes]:
+    """The value of ``key`` (a u32) in a per-CPU map, one ``bytes`` per possible CPU."""
+    ncpus = _check(lib().libbpf_num_possible_cpus(), "counting possible CPUs")
+    stride = -(-value_size // 8) * 8  # the kernel rounds each CPU's value up to 8 bytes
+    buf = ctypes.create_string_buffer(stride * ncpus)
+    k = ctypes.c_uint32(key)
+    _check(lib().bpf_map_lookup_elem(map_fd, ctypes.byref(k), buf), "reading a per-CPU map")
+    return [buf.raw[i * stride : i * stride + value_size] for i in range(ncpus)]
 
 
 def test_run(prog_fd: int) -> int:
