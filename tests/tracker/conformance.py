@@ -40,10 +40,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Report:
-    """What a check observed: chunks truly changed and chunks reported, over all rounds."""
+    """What a check observed: chunks truly changed and chunks reported, over all rounds;
+    ``late``: changed chunks that completed while a checkpoint ran, so that the next
+    generation had to report them (and did)."""
 
     changed: int = 0
     reported: int = 0
+    late: int = 0
 
     @property
     def over_reporting(self) -> float:
@@ -70,6 +73,29 @@ def snapshot(device: str, chunk_size: int) -> list[bytes]:
 
 def changed_chunks(before: list[bytes], after: list[bytes]) -> set[int]:
     return {c for c, (a, b) in enumerate(zip(before, after, strict=True)) if a != b}
+
+
+def io_counters(device: str) -> tuple[int, int, int]:
+    """(writes completed, discards completed, requests in flight) of a block device, from
+    its sysfs stat file. The counters move after the completion tracepoint has fired."""
+    name = Path(os.path.realpath(device)).name
+    f = Path(f"/sys/class/block/{name}/stat").read_text().split()
+    return int(f[4]), int(f[11]), int(f[8])
+
+
+def settle(device: str, quiet_for: float = 0.1, timeout: float = 3.0) -> None:
+    """Wait until the device completed no write or discard for ``quiet_for`` seconds and has
+    nothing in flight (a filesystem may still finish work after fsfreeze returned)."""
+    deadline = time.monotonic() + timeout
+    last = io_counters(device)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = io_counters(device)
+        if now != last or now[2]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_for:
+            return
 
 
 def reported_chunks(dirty: DirtySet) -> set[int]:
@@ -115,18 +141,89 @@ def acknowledge_as_sender(tracker: Tracker, dirty: DirtySet, device: str) -> Non
     tracker.acknowledge(dirty.generation)
 
 
-def _check_round(tracker: Tracker, device: str, cs: int, before: list[bytes], report: Report,
-                 what: str) -> list[bytes]:
-    dirty = tracker.checkpoint()
-    after = snapshot(device, cs)
-    truth = changed_chunks(before, after)
-    got = reported_chunks(dirty)
-    missing = sorted(truth - got)
-    assert not missing, f"{what}: generation {dirty.generation} misses chunks {missing[:20]}"
-    report.changed += len(truth)
-    report.reported += len(got)
-    acknowledge_as_sender(tracker, dirty, device)
-    return after
+class UnderReport(AssertionError):
+    """The tracker missed chunks that truly changed: the one thing a tracker must not do."""
+
+    def __init__(self, message: str, chunks: set[int]) -> None:
+        super().__init__(message)
+        self.chunks = chunks
+
+
+@dataclass
+class Round:
+    """One checkpoint compared with the ground truth."""
+
+    generation: int
+    truth: set[int]
+    reported: set[int]
+    missing: set[int]
+    quiet: bool
+    counters: tuple[tuple[int, int, int], tuple[int, int, int]]
+    before: list[bytes]
+    after: list[bytes]
+
+
+class Checker:
+    """Compares each checkpoint of ``tracker`` with the ground truth: the chunks whose O_DIRECT
+    snapshot differs from the previous round's.
+
+    The truth is exact only if the device was quiescent from the start of the checkpoint to
+    the end of the snapshot: a write completing in between changes the snapshot but may
+    belong to the next generation (it completed after the flip). So the device's own
+    counters are read before the checkpoint and after the snapshot; if they moved, chunks
+    missing from this generation are owed by the next one, which the next round checks.
+    If they did not move, a missing chunk is an under-report (:class:`UnderReport`).
+    """
+
+    def __init__(self, tracker: Tracker, device: str, chunk_size: int, report: Report) -> None:
+        self.tracker = tracker
+        self.device = device
+        self.chunk_size = chunk_size
+        self.report = report
+        self.before = snapshot(device, chunk_size)
+        self.owed: set[int] = set()
+        self.rounds: list[Round] = []
+
+    def round(self, what: str, also_reported: set[int] | None = None, ack: bool = True) -> Round:
+        """Checkpoint, snapshot, compare; ``also_reported``: chunks reported by checkpoints
+        taken since the last round (already acknowledged)."""
+        c0 = io_counters(self.device)
+        dirty = self.tracker.checkpoint()
+        after = snapshot(self.device, self.chunk_size)
+        time.sleep(0.02)  # a completion whose data the snapshot saw has surely been counted
+        c1 = io_counters(self.device)
+        quiet = c0[:2] == c1[:2] and c0[2] == 0 and c1[2] == 0
+        got = reported_chunks(dirty) | (also_reported or set())
+        truth = changed_chunks(self.before, after)
+        r = Round(dirty.generation, truth, got, truth - got, quiet, (c0, c1), self.before, after)
+        self.rounds.append(r)
+        owed = self.owed - got
+        if owed:
+            raise UnderReport(
+                f"{what}: chunks {sorted(owed)[:20]} changed while generation "
+                f"{dirty.generation - 1} was being closed, and generation {dirty.generation} "
+                "does not report them either",
+                owed,
+            )
+        if r.missing and quiet:
+            raise UnderReport(
+                f"{what}: generation {dirty.generation} misses chunks {sorted(r.missing)[:20]} "
+                f"(the device was quiescent: counters {c0} -> {c1})",
+                r.missing,
+            )
+        self.owed = r.missing
+        self.report.late += len(r.missing)
+        self.report.changed += len(truth)
+        self.report.reported += len(got)
+        if ack:
+            acknowledge_as_sender(self.tracker, dirty, self.device)
+        self.before = after
+        return r
+
+    def finish(self, what: str) -> None:
+        """One more round if the last one left chunks owed by the next generation."""
+        if self.owed:
+            self.round(f"{what} (owed by the last round)")
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -140,7 +237,7 @@ def check_direct_io(factory: Factory, device: str, chunk_size: int, rounds: int 
     report = Report()
     tracker = factory(device, chunk_size)
     try:
-        before = snapshot(device, chunk_size)
+        checker = Checker(tracker, device, chunk_size, report)
         fd = os.open(device, os.O_RDWR | os.O_DIRECT)
         try:
             for r in range(rounds):
@@ -155,7 +252,8 @@ def check_direct_io(factory: Factory, device: str, chunk_size: int, rounds: int 
                     length = rng.randrange(4096, 2 << 20, 4096)
                     off = rng.randrange(0, size - length + 1, 4096)
                     discard(fd, off, length, zeroout=rng.random() < 0.5)
-                before = _check_round(tracker, device, chunk_size, before, report, f"round {r}")
+                checker.round(f"round {r}")
+            checker.finish("direct I/O")
         finally:
             os.close(fd)
     finally:
@@ -169,7 +267,8 @@ def check_filesystem(factory: Factory, device: str, chunk_size: int, fstype: str
 
     The filesystem is made before tracking starts and mounted after, as a user would; each
     round ends with ``fsfreeze`` so that the device is quiescent for the checkpoint and the
-    snapshot. Finally the filesystem must check clean.
+    snapshot (and the device is let settle: work a filesystem queued before the freeze may
+    still complete after it). Finally the filesystem must check clean.
     """
     rng = random.Random(seed)
     mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}[fstype]
@@ -178,7 +277,7 @@ def check_filesystem(factory: Factory, device: str, chunk_size: int, fstype: str
     tracker = factory(device, chunk_size)
     mounted = False
     try:
-        before = snapshot(device, chunk_size)
+        checker = Checker(tracker, device, chunk_size, report)
         subprocess.run(["mount", "-o", "discard", device, str(mountpoint)], check=True)
         mounted = True
         files: list[Path] = []
@@ -198,13 +297,14 @@ def check_filesystem(factory: Factory, device: str, chunk_size: int, fstype: str
             os.sync()
             subprocess.run(["fsfreeze", "-f", str(mountpoint)], check=True)
             try:
-                before = _check_round(tracker, device, chunk_size, before, report,
-                                      f"{fstype} round {r}")
+                settle(device)
+                checker.round(f"{fstype} round {r}")
             finally:
                 subprocess.run(["fsfreeze", "-u", str(mountpoint)], check=True)
         subprocess.run(["umount", str(mountpoint)], check=True)
         mounted = False
-        before = _check_round(tracker, device, chunk_size, before, report, f"{fstype} umount")
+        checker.round(f"{fstype} umount")
+        checker.finish(f"{fstype} umount")
         fsck = {"ext4": ["e2fsck", "-fn"], "xfs": ["xfs_repair", "-n"]}[fstype]
         run = subprocess.run([*fsck, device], capture_output=True, text=True)
         assert run.returncode == 0, run.stdout + run.stderr
@@ -410,12 +510,17 @@ def check_bad_input(factory: Factory, device: str, chunk_size: int) -> None:
 
 
 __all__ = [
+    "Checker",
     "Factory",
     "Report",
+    "Round",
+    "UnderReport",
     "check_ack_semantics",
     "check_bad_input",
     "check_concurrent",
     "check_direct_io",
     "check_filesystem",
     "check_restart",
+    "io_counters",
+    "settle",
 ]
