@@ -194,3 +194,25 @@ def test_lost_pins_are_reported_and_tracking_can_restart(make_loop: Callable[...
         assert conf.reported_chunks(tracker.checkpoint()) == {2}
     finally:
         tracker.stop()
+
+
+@pytest.mark.parametrize("kind", ["loop", "zram"])
+def test_copy_b_alone_tracks_everything(kind: str, make_loop: Callable[..., str],
+                                        zram: Callable[[int], str],
+                                        record_ratio: Callable[[float], None]) -> None:
+    """Copy b handles every event that copy a did not claim: what a nested completion (which
+    the kernel skips for a, already running on the CPU) relies on. With the a copies
+    detached, b must see every write alone."""
+    device = make_loop(64 * MiB) if kind == "loop" else zram(64 * MiB)
+
+    def start_b_only(dev: str, chunk_size: int) -> Tracker:
+        tracker = bpf.start_bpf(dev, chunk_size)
+        links = sorted((bpf.PIN_ROOT / tracker.name).glob("link_*_a"))
+        assert links, "no copy a attached"
+        for link in links:
+            link.unlink()  # detaches copy a
+        return tracker
+
+    report = conf.check_direct_io(start_b_only, device, CS, rounds=2, seed=7)
+    assert report.changed > 0
+    record_ratio(report.over_reporting)
