@@ -1,12 +1,15 @@
 """Ingest and read throughput of the nbdsink server against nbdkit's file plugin.
 
-    .venv/bin/python bench/bench_store.py [--size 1G] [--dir /var/tmp]
+    .venv/bin/python bench/bench_store.py [--size 1G] [--dir /var/tmp] [--rounds 3]
 
 Same data, same disk, same client (nbdcopy --flush), same run:
   new data   1 GiB of random data into a fresh volume  vs  into a fresh file
   duplicate  the same 1 GiB into a second volume       vs  into a second file
   read       a full read of the version                vs  a full read of the file
-Prints each time and the ratio reference_time / nbdsink_time (>1 means nbdsink is faster).
+Each round measures both sides on fresh targets; the disk's speed drifts between rounds (and
+a reference file's flush can take twice as long in one round as in the next), so every round's
+ratio is printed and the median ratio is the figure to quote. Ratios are reference_time /
+nbdsink_time: above 1 means nbdsink is faster.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbdsink.testing import ServerProcess, _accepts
 from nbdsink.units import format_size, parse_size
 
+KINDS = (("new", "new data"), ("dup", "duplicate"), ("read", "read"))
+
 
 def timed(cmd: list[str]) -> float:
     start = time.perf_counter()
@@ -33,11 +39,48 @@ def timed(cmd: list[str]) -> float:
 
 
 def file_server(target: Path, sock: Path) -> subprocess.Popen[bytes]:
+    sock.unlink(missing_ok=True)
     proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), "file",
                              str(target)])
     while not _accepts(sock):
+        if proc.poll() is not None:
+            raise RuntimeError(f"nbdkit file exited with {proc.returncode}")
         time.sleep(0.02)
     return proc
+
+
+def reference_round(work: Path, src: Path, size: int) -> dict[str, float]:
+    times = {}
+    for name in ("new", "dup"):
+        target = work / f"ref-{name}.img"
+        target.write_bytes(b"")
+        os.truncate(target, size)
+        sock = work / f"ref-{name}.sock"
+        proc = file_server(target, sock)
+        try:
+            times[name] = timed(["nbdcopy", "--flush", str(src), f"nbd+unix:///?socket={sock}"])
+            if name == "new":
+                times["read"] = timed(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"])
+        finally:
+            proc.terminate()
+            proc.wait()
+    for name in ("new", "dup"):
+        (work / f"ref-{name}.img").unlink()
+    return times
+
+
+def nbdsink_round(work: Path, src: Path, size: int) -> dict[str, float]:
+    times = {}
+    srv = ServerProcess(work / "store", work / "nbdsink.sock")
+    srv.create_volume("new", size)
+    srv.create_volume("dup", size)
+    with srv:
+        times["new"] = timed(["nbdcopy", "--flush", str(src), srv.uri("new")])
+        times["dup"] = timed(["nbdcopy", "--flush", str(src), srv.uri("dup")])
+        times["read"] = timed(["nbdcopy", srv.uri("new@1"), "null:"])
+    shutil.rmtree(work / "store")
+    (work / "nbdsink.sock").unlink(missing_ok=True)
+    return times
 
 
 def main() -> None:
@@ -45,6 +88,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=parse_size, default=1 << 30)
     parser.add_argument("--dir", default="/var/tmp", help="where the data goes (a real disk)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nbdsink-bench-", dir=args.dir))
     try:
@@ -55,36 +99,22 @@ def main() -> None:
                 n = min(left, 16 << 20)
                 f.write(os.urandom(n))
                 left -= n
-        results = {}
-        # reference: nbdkit file
-        for name in ("new", "dup"):
-            target = work / f"ref-{name}.img"
-            target.write_bytes(b"")
-            os.truncate(target, args.size)
-            sock = work / f"ref-{name}.sock"
-            proc = file_server(target, sock)
-            try:
-                results[("ref", name)] = timed(["nbdcopy", "--flush", str(src),
-                                                f"nbd+unix:///?socket={sock}"])
-                if name == "new":
-                    results[("ref", "read")] = timed(["nbdcopy", f"nbd+unix:///?socket={sock}",
-                                                      "null:"])
-            finally:
-                proc.terminate()
-                proc.wait()
-        # nbdsink
-        srv = ServerProcess(work / "store", work / "nbdsink.sock")
-        srv.create_volume("new", args.size)
-        srv.create_volume("dup", args.size)
-        with srv:
-            results[("ours", "new")] = timed(["nbdcopy", "--flush", str(src), srv.uri("new")])
-            results[("ours", "dup")] = timed(["nbdcopy", "--flush", str(src), srv.uri("dup")])
-            results[("ours", "read")] = timed(["nbdcopy", srv.uri("new@1"), "null:"])
+        ratios: dict[str, list[float]] = {name: [] for name, _ in KINDS}
         print(f"data: {format_size(args.size)} random, nbdcopy --flush, disk {args.dir}")
-        print(f"{'':10} {'nbdkit file':>12} {'nbdsink':>12} {'ratio':>8}")
-        for name, label in (("new", "new data"), ("dup", "duplicate"), ("read", "read")):
-            ref, ours = results[("ref", name)], results[("ours", name)]
-            print(f"{label:10} {ref:>11.2f}s {ours:>11.2f}s {ref / ours:>7.2f}x")
+        print(f"{'round':6} {'':10} {'nbdkit file':>12} {'nbdsink':>12} {'ratio':>8}")
+        for n in range(1, args.rounds + 1):
+            ref = reference_round(work, src, args.size)
+            ours = nbdsink_round(work, src, args.size)
+            for name, label in KINDS:
+                ratio = ref[name] / ours[name]
+                ratios[name].append(ratio)
+                print(f"{n:<6} {label:10} {ref[name]:>11.2f}s {ours[name]:>11.2f}s "
+                      f"{ratio:>7.2f}x", flush=True)
+        print(f"median of {args.rounds} rounds (min-max):")
+        for name, label in KINDS:
+            values = ratios[name]
+            print(f"       {label:10} {statistics.median(values):>7.2f}x "
+                  f"({min(values):.2f}-{max(values):.2f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
