@@ -29,6 +29,7 @@ import hashlib
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -50,6 +52,7 @@ from tracker.conformance import (  # noqa: E402
 )
 
 from nbdsink.tracker import bpf, libbpf  # noqa: E402
+from nbdsink.tracker.base import DirtySet, Tracker  # noqa: E402
 
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -147,6 +150,83 @@ class Workload:
             self.log.append(Op(rnd, op, name, 0, 0))
 
 
+class BlockTrace:
+    """The kernel's own block tracepoints (tracefs), kept in a ring buffer, so that an
+    under-report can be shown next to every request that touched the chunk, and the
+    checkpoints (written into the trace as markers)."""
+
+    ROOT = Path("/sys/kernel/tracing")
+    EVENTS = ("block_bio_queue", "block_rq_issue", "block_rq_complete")
+
+    def __init__(self) -> None:
+        if not (self.ROOT / "events").exists():
+            run(["mount", "-t", "tracefs", "tracefs", str(self.ROOT)])
+        (self.ROOT / "tracing_on").write_text("0")
+        (self.ROOT / "buffer_size_kb").write_text("65536")
+        (self.ROOT / "trace_clock").write_text("mono")
+        for e in self.EVENTS:
+            (self.ROOT / "events" / "block" / e / "enable").write_text("1")
+        (self.ROOT / "trace").write_text("")
+        (self.ROOT / "tracing_on").write_text("1")
+
+    def mark(self, text: str) -> None:
+        (self.ROOT / "trace_marker").write_text(text)
+
+    def touching(self, device: str, first: int, last: int) -> list[str]:
+        """Trace lines of ``device`` whose sectors overlap [first, last], and the markers."""
+        (self.ROOT / "tracing_on").write_text("0")
+        try:
+            st = os.stat(os.path.realpath(device)).st_rdev
+            dev = f" {os.major(st)},{os.minor(st)} "
+            out = []
+            for line in (self.ROOT / "trace").read_text(errors="replace").splitlines():
+                if "tracing_mark_write" in line:
+                    out.append(line)
+                    continue
+                if dev not in line:
+                    continue
+                # "<dev> <rwbs> ... <sector> + <sectors> ..." in every block event.
+                tokens = line.split(dev, 1)[1].split()
+                if tokens[0].startswith("R") or "+" not in tokens:
+                    continue  # reads (the snapshots) change nothing
+                i = tokens.index("+")
+                try:
+                    sector, n = int(tokens[i - 1]), int(tokens[i + 1])
+                except (IndexError, ValueError):
+                    continue
+                if sector <= last and sector + max(n, 1) > first:
+                    out.append(line)
+            return out
+        finally:
+            (self.ROOT / "tracing_on").write_text("1")
+
+    def close(self) -> None:
+        (self.ROOT / "tracing_on").write_text("0")
+        for e in self.EVENTS:
+            (self.ROOT / "events" / "block" / e / "enable").write_text("0")
+        (self.ROOT / "trace").write_text("")
+
+
+class TracedTracker:
+    """A tracker whose checkpoints are marked in the block trace."""
+
+    def __init__(self, tracker: bpf.BpfTracker, trace: BlockTrace | None) -> None:
+        self.tracker = tracker
+        self.trace = trace
+        self.backend = tracker.backend
+
+    def checkpoint(self) -> DirtySet:
+        if self.trace:
+            self.trace.mark(f"checkpoint begins (generation {self.tracker._seq() + 1} closes)")
+        d = self.tracker.checkpoint()
+        if self.trace:
+            self.trace.mark(f"checkpoint of generation {d.generation} done")
+        return d
+
+    def acknowledge(self, generation: int) -> None:
+        self.tracker.acknowledge(generation)
+
+
 @dataclass
 class Totals:
     sessions: int = 0
@@ -191,142 +271,188 @@ def owners_ext4(device: str, chunk: int, chunk_size: int) -> tuple[list[str], li
     return inodes, [ln.split(None, 1)[1] for ln in ncheck.splitlines()[1:] if len(ln.split(None, 1)) == 2]
 
 
-def describe(what: str, exc: UnderReport, r: Round, device: str, fstype: str, chunk_size: int,
-             tracker: bpf.BpfTracker, log: list[Op]) -> str:
-    missing = sorted(exc.chunks)
-    lines = [f"UNDER-REPORT: {exc}",
-             f"  generation {r.generation}; device counters (writes, discards, in flight) "
-             f"before the checkpoint {r.counters[0]}, after the snapshot {r.counters[1]}; "
-             f"quiet={r.quiet}; truth {len(r.truth)} chunks, reported {len(r.reported)}"]
-    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        for c in missing[:10]:
-            buf = mmap.mmap(-1, chunk_size)
-            os.preadv(fd, [buf], c * chunk_size)
-            data = bytes(buf)
-            buf.close()
-            kind = "all zeros (discarded or zeroed)" if data.count(0) == len(data) else "data"
-            lines.append(f"  chunk {c} (bytes {c * chunk_size}..{(c + 1) * chunk_size}): digest "
-                         f"{r.before[c].hex()[:12]} -> {r.after[c].hex()[:12]}, now {kind}, "
-                         f"sha256 {hashlib.sha256(data).hexdigest()[:12]}")
-            if fstype == "ext4":
-                inodes, paths = owners_ext4(device, c, chunk_size)
-                lines.append(f"    owners: inodes {inodes}, paths {paths}")
-                for name in sorted({Path(p).name for p in paths}):
-                    lines.extend(f"    {o}" for o in [o for o in log if o.file == name][-6:])
-    finally:
-        os.close(fd)
-    nxt = reported_chunks(tracker.checkpoint())
-    lines.append(f"  a checkpoint taken now reports {sorted(set(missing) & nxt)[:20]} of them")
-    return "\n".join(lines)
+class Session:
+    """One loop device, one filesystem, one tracking: rounds checked against the truth."""
 
+    def __init__(self, n: int, fstype: str, rng: random.Random, totals: Totals,
+                 trace: BlockTrace | None) -> None:
+        self.n = n
+        self.fstype = fstype
+        self.rng = rng
+        self.totals = totals
+        self.trace = trace
+        self.chunk_size = rng.choice([4096, 64 << 10, 64 << 10])
+        self.size = 320 * MiB if fstype == "xfs" else 128 * MiB
+        self.log: list[Op] = []
+        self.report = Report()
+        self.late_rounds: list[str] = []
 
-def session(n: int, fstype: str, rng: random.Random, backing: str, rounds: int,
-            totals: Totals) -> None:
-    chunk_size = rng.choice([4096, 64 << 10, 64 << 10])
-    size = 320 * MiB if fstype == "xfs" else 128 * MiB
-    with tempfile.TemporaryDirectory(dir=backing, prefix="nbdsink-soak-") as tmp:
-        img = Path(tmp) / "disk.img"
-        with open(img, "wb") as f:
-            f.truncate(size)
-        mnt = Path(tmp) / "mnt"
-        mnt.mkdir()
-        loop = run(["losetup", "-f", "--show", str(img)]).stdout.strip()
-        tracker: bpf.BpfTracker | None = None
-        mounted = False
-        log: list[Op] = []
-        report = Report()
-        try:
-            run({"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}[fstype] + [loop])
-            tracker = bpf.start_bpf(loop, chunk_size)
-            checker = Checker(tracker, loop, chunk_size, report)
-            run(["mount", "-o", "discard", loop, str(mnt)])
-            mounted = True
-            main = Workload(mnt, "f", rng, log, size // 3)
-            side = Workload(mnt, "w", random.Random(rng.random()), log, size // 4)
-            for r in range(1, rounds + 1):
-                also: set[int] = set()
-                if r % 2:
-                    for _ in range(rng.randint(5, 30)):
-                        main.step(r)
-                else:
-                    stop = threading.Event()
-                    errors: list[BaseException] = []
-
-                    def writer(stop: threading.Event = stop, errors: list[BaseException] = errors,
-                               r: int = r) -> None:
-                        try:
-                            while not stop.is_set():
-                                side.step(r)
-                        except BaseException as exc:
-                            errors.append(exc)
-
-                    t = threading.Thread(target=writer, daemon=True)
-                    t.start()
-                    try:
-                        for _ in range(rng.randint(3, 8)):
-                            time.sleep(rng.uniform(0.01, 0.08))
-                            dirty = tracker.checkpoint()
-                            also |= reported_chunks(dirty)
-                            acknowledge_as_sender(tracker, dirty, loop)
-                    finally:
-                        stop.set()
-                        t.join()
-                    if errors:
-                        raise errors[0]
-                os.sync()
-                run(["fsfreeze", "-f", str(mnt)])
-                try:
-                    check(checker, f"session {n} {fstype} round {r}", also, loop, fstype,
-                          chunk_size, tracker, log, totals)
-                finally:
-                    run(["fsfreeze", "-u", str(mnt)])
-            run(["umount", str(mnt)])
+    def run(self, backing: str, rounds: int) -> None:
+        with tempfile.TemporaryDirectory(dir=backing, prefix="nbdsink-soak-") as tmp:
+            img = Path(tmp) / "disk.img"
+            with open(img, "wb") as f:
+                f.truncate(self.size)
+            mnt = Path(tmp) / "mnt"
+            mnt.mkdir()
+            self.loop = run(["losetup", "-f", "--show", str(img)]).stdout.strip()
+            self.tracker: bpf.BpfTracker | None = None
             mounted = False
-            check(checker, f"session {n} {fstype} umount", set(), loop, fstype, chunk_size,
-                  tracker, log, totals)
-            if checker.owed:
-                check(checker, f"session {n} {fstype} after umount", set(), loop, fstype,
-                      chunk_size, tracker, log, totals)
-            fsck = {"ext4": ["e2fsck", "-fn"], "xfs": ["xfs_repair", "-n"]}[fstype]
-            run([*fsck, loop])
-            ma, mb = misses(loop)
-            totals.misses_a += ma
-            totals.misses_b += mb
+            try:
+                mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"], "xfs": ["mkfs.xfs", "-q", "-f"]}
+                run([*mkfs[self.fstype], self.loop])
+                self.tracker = bpf.start_bpf(self.loop, self.chunk_size)
+                self.traced = TracedTracker(self.tracker, self.trace)
+                self.checker = Checker(cast(Tracker, self.traced), self.loop, self.chunk_size,
+                                       self.report)
+                run(["mount", "-o", "discard", self.loop, str(mnt)])
+                mounted = True
+                for r in range(1, rounds + 1):
+                    also = self.files(mnt, r) if r % 2 else self.racing_checkpoints(mnt, r)
+                    os.sync()
+                    run(["fsfreeze", "-f", str(mnt)])
+                    try:
+                        self.check(f"round {r}", also)
+                    finally:
+                        run(["fsfreeze", "-u", str(mnt)])
+                run(["umount", str(mnt)])
+                mounted = False
+                self.check("umount", set())
+                if self.checker.owed:
+                    self.check("after umount", set())
+                fsck = {"ext4": ["e2fsck", "-fn"], "xfs": ["xfs_repair", "-n"]}[self.fstype]
+                run([*fsck, self.loop])
+                ma, mb = misses(self.loop)
+            finally:
+                if mounted:
+                    subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
+                    subprocess.run(["umount", str(mnt)], check=False)
+                if self.tracker is not None:
+                    self.tracker.stop()
+                subprocess.run(["losetup", "-d", self.loop], check=False)
+        t, rep = self.totals, self.report
+        t.sessions += 1
+        t.changed += rep.changed
+        t.reported += rep.reported
+        t.late += rep.late
+        t.misses_a += ma
+        t.misses_b += mb
+        late = f" (in {', '.join(self.late_rounds)})" if self.late_rounds else ""
+        print(f"session {self.n}: {self.fstype}, chunk {self.chunk_size >> 10}K, {rounds} rounds, "
+              f"changed {rep.changed} chunks, reported {rep.reported}, late {rep.late}{late}, "
+              f"nested runs (a misses) {ma}, b misses {mb}", flush=True)
+
+    def files(self, mnt: Path, r: int) -> set[int]:
+        if not hasattr(self, "main"):
+            self.main = Workload(mnt, "f", self.rng, self.log, self.size // 3)
+        for _ in range(self.rng.randint(5, 30)):
+            self.main.step(r)
+        return set()
+
+    def racing_checkpoints(self, mnt: Path, r: int) -> set[int]:
+        """A writer runs while checkpoints are taken (and acknowledged, as the sender does);
+        returns the union of what they reported."""
+        if not hasattr(self, "side"):
+            self.side = Workload(mnt, "w", random.Random(self.rng.random()), self.log,
+                                 self.size // 4)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                while not stop.is_set():
+                    self.side.step(r)
+            except BaseException as exc:
+                errors.append(exc)
+
+        also: set[int] = set()
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        try:
+            for _ in range(self.rng.randint(3, 8)):
+                time.sleep(self.rng.uniform(0.01, 0.08))
+                dirty = self.traced.checkpoint()
+                also |= reported_chunks(dirty)
+                acknowledge_as_sender(cast(Tracker, self.traced), dirty, self.loop)
         finally:
-            if mounted:
-                subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
-                subprocess.run(["umount", str(mnt)], check=False)
-            if tracker is not None:
-                tracker.stop()
-            subprocess.run(["losetup", "-d", loop], check=False)
-    totals.sessions += 1
-    totals.changed += report.changed
-    totals.reported += report.reported
-    totals.late += report.late
-    print(f"session {n}: {fstype}, chunk {chunk_size >> 10}K, {rounds} rounds, "
-          f"changed {report.changed} chunks, reported {report.reported}, "
-          f"late {report.late}, nested runs (a misses) {ma}, b misses {mb}", flush=True)
+            stop.set()
+            t.join()
+        if errors:
+            raise errors[0]
+        return also
 
+    def check(self, what: str, also: set[int]) -> None:
+        what = f"session {self.n} {self.fstype} {what}"
+        late = self.report.late
+        try:
+            r = self.checker.round(what, also_reported=also)
+        except UnderReport as exc:
+            r = self.checker.rounds[-1]
+            text = self.describe(exc, r)
+            print(text, flush=True)
+            self.totals.under.append(text)
+            # Carry on from what the device holds now; the unacknowledged generation is
+            # simply reported again.
+            self.checker.before = r.after
+            self.checker.owed = set()
+        if self.report.late > late:
+            self.late_rounds.append(what.rsplit(" ", 2)[-2] + " " + what.rsplit(" ", 1)[-1])
+        self.totals.rounds += 1
+        self.totals.compared += len(r.after)
+        self.totals.unquiet += not r.quiet
 
-def check(checker: Checker, what: str, also: set[int], loop: str, fstype: str, chunk_size: int,
-          tracker: bpf.BpfTracker, log: list[Op], totals: Totals) -> None:
-    rounds_before = len(checker.rounds)
-    try:
-        r = checker.round(what, also_reported=also)
-    except UnderReport as exc:
-        r = checker.rounds[-1]
-        text = describe(what, exc, r, loop, fstype, chunk_size, tracker, log)
-        print(text, flush=True)
-        totals.under.append(text)
-        # Carry on from what the device holds now; the unacknowledged generation is simply
-        # reported again.
-        checker.before = r.after
-        checker.owed = set()
-    assert len(checker.rounds) == rounds_before + 1
-    totals.rounds += 1
-    totals.compared += len(r.after)
-    totals.unquiet += not r.quiet
+    def bitmap_bits(self, chunk: int) -> str:
+        """The chunk's bit, its word and its summary bit in both bitmaps of the kernel."""
+        t = self.tracker
+        assert t is not None
+        geo = t._geo
+        w = chunk // 64
+        out = [f"seq {t._seq()}"]
+        with memoryview(t._bits) as raw_w, memoryview(t._summ) as raw_s, \
+                raw_w.cast("Q") as words, raw_s.cast("Q") as summ:
+            for idx in (0, 1):
+                word = words[idx * geo.words + w]
+                sbit = summ[idx * geo.swords + w // 64] >> (w % 64) & 1
+                out.append(f"bitmap {idx}: chunk bit {word >> (chunk % 64) & 1}, word {word:#x}, "
+                           f"summary bit {sbit}")
+        return "; ".join(out)
+
+    def describe(self, exc: UnderReport, r: Round) -> str:
+        cs = self.chunk_size
+        missing = sorted(exc.chunks)
+        lines = [f"UNDER-REPORT: {exc}",
+                 f"  generation {r.generation}, chunk size {cs}; device counters (writes, "
+                 f"discards, in flight) before the checkpoint {r.counters[0]}, after the snapshot "
+                 f"{r.counters[1]}; quiet={r.quiet}; truth {len(r.truth)} chunks, reported "
+                 f"{len(r.reported)}"]
+        fd = os.open(self.loop, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for c in missing[:10]:
+                buf = mmap.mmap(-1, cs)
+                os.preadv(fd, [buf], c * cs)
+                data = bytes(buf)
+                buf.close()
+                kind = "all zeros (discarded or zeroed)" if data.count(0) == len(data) else "data"
+                lines.append(f"  chunk {c} (bytes {c * cs}..{(c + 1) * cs}, sectors "
+                             f"{c * cs // 512}..{(c + 1) * cs // 512 - 1}): digest "
+                             f"{r.before[c].hex()[:12]} -> {r.after[c].hex()[:12]}, now {kind}, "
+                             f"sha256 {hashlib.sha256(data).hexdigest()[:12]}")
+                lines.append(f"    tracker bitmaps now: {self.bitmap_bits(c)}")
+                if self.fstype == "ext4":
+                    inodes, paths = owners_ext4(self.loop, c, cs)
+                    lines.append(f"    owners: inodes {inodes}, paths {paths}")
+                    for name in sorted({Path(p).name for p in paths}):
+                        lines.extend(f"    {o}" for o in [o for o in self.log if o.file == name][-6:])
+                if self.trace is not None:
+                    first, last = c * cs // 512, (c + 1) * cs // 512 - 1
+                    hits = self.trace.touching(self.loop, first, last)
+                    lines.append("    block trace (requests touching it, and checkpoints):")
+                    lines.extend(f"      {h.strip()}" for h in hits[-60:])
+        finally:
+            os.close(fd)
+        assert self.tracker is not None
+        nxt = reported_chunks(self.tracker.checkpoint())
+        lines.append(f"  a checkpoint taken now reports {sorted(set(missing) & nxt)[:20]} of them")
+        return "\n".join(lines)
 
 
 def main() -> int:
@@ -336,7 +462,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6, help="rounds per session")
     ap.add_argument("--backing-dir", default="/tmp")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--trace", action="store_true",
+                    help="record the block tracepoints (tracefs) to show, for an under-reported "
+                         "chunk, every request that touched it")
     args = ap.parse_args()
+    # Stopped with SIGTERM (kill, a timeout), still unmount, stop the tracker, detach.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
     print(f"soak: seed {seed}, {args.minutes} minutes, filesystems {args.fs}", flush=True)
@@ -345,9 +476,15 @@ def main() -> int:
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60
     n = 0
-    while time.monotonic() < deadline:
-        n += 1
-        session(n, fstypes[(n - 1) % len(fstypes)], rng, args.backing_dir, args.rounds, totals)
+    trace = BlockTrace() if args.trace else None
+    try:
+        while time.monotonic() < deadline:
+            n += 1
+            Session(n, fstypes[(n - 1) % len(fstypes)], rng, totals, trace).run(
+                args.backing_dir, args.rounds)
+    finally:
+        if trace is not None:
+            trace.close()
     minutes = (time.monotonic() - t0) / 60
     print(f"\nsoak done: {minutes:.1f} minutes, {totals.sessions} sessions, {totals.rounds} rounds, "
           f"{totals.compared} chunks compared, {totals.changed} truly changed, "
