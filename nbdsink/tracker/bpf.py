@@ -147,10 +147,10 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
         if _state_file(dev.name).exists():
             if (pins / "ctl").exists() and _state_version(dev.name) == STATE_VERSION:
                 raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
-            # A tracking this version cannot drive (started by another version) is replaced:
-            # its users learn from open_bpf that it is lost.
-            # The pins are gone (bpffs unmounted, removed by hand): that tracking is lost,
-            # and whoever used it learns so from open_bpf; a new one may start.
+            # The pins are gone (bpffs unmounted, removed by hand), or they belong to a
+            # tracking started by another version of nbdsink, which this one cannot drive:
+            # that tracking is lost, whoever used it learns so from open_bpf, and a new one
+            # may start.
             _state_file(dev.name).unlink()
         # Pins without a state file are what a start killed half-way leaves: the state file
         # is written last, so nobody ever relied on them.
@@ -376,9 +376,9 @@ class BpfTracker(Tracker):
         found, word_idx, summ_idx, _ = self._read_bitmap(idx)
         misses = self._misses()
         if misses != state["misses"]:
-            # The kernel skipped a nested run of the b copy (a completion interrupting
-            # another on the same CPU, two deep): its write may be unknown. It may belong to the closed or
-            # to the open generation, so both are marked entirely dirty.
+            # The kernel skipped a run of a b copy (completions nested two deep on one CPU,
+            # or one interrupting b itself): that write may be unknown. It may belong to the
+            # closed or to the open generation, so both are marked entirely dirty.
             found = [(0, self._geo.chunks)]
             struct.pack_into("<Q", self._ctl, _CTL_OVERFLOW + 8 * (idx ^ 1), 1)
             state["misses"] = misses

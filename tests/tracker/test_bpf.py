@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nbdsink.tracker import bpf
-from nbdsink.tracker.base import Tracker, TrackerError
+from nbdsink.tracker.base import Tracker, TrackerError, TrackingLost
 from tracker import conformance as conf
 
 pytestmark = pytest.mark.root
@@ -216,3 +216,24 @@ def test_copy_b_alone_tracks_everything(kind: str, make_loop: Callable[..., str]
     report = conf.check_direct_io(start_b_only, device, CS, rounds=2, seed=7)
     assert report.changed > 0
     record_ratio(report.over_reporting)
+
+
+def test_tracking_of_another_version_is_lost_and_replaced(make_loop: Callable[..., str]) -> None:
+    """A tracking started by another nbdsink version (other map layouts) is reported lost to
+    its users, and a new start replaces it instead of refusing."""
+    loop = make_loop(16 * MiB)
+    bpf.start_bpf(loop, CS).close()
+    state_path = bpf.STATE_DIR / f"{Path(loop).name}.json"
+    state = json.loads(state_path.read_text())
+    state["version"] = 1
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(TrackingLost, match="another version"):
+        bpf.open_bpf(loop)
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
+        conf.write_direct(fd, 4 * CS, os.urandom(4096))
+        os.close(fd)
+        assert conf.reported_chunks(tracker.checkpoint()) == {4}
+    finally:
+        tracker.stop()
