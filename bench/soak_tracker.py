@@ -401,19 +401,15 @@ class Session:
         self.totals.unquiet += not r.quiet
 
     def bitmap_bits(self, chunk: int) -> str:
-        """The chunk's bit, its word and its summary bit in both bitmaps of the kernel."""
+        """The chunk's bit and its word in both bitmaps of the kernel."""
         t = self.tracker
         assert t is not None
-        geo = t._geo
         w = chunk // 64
         out = [f"seq {t._seq()}"]
-        with memoryview(t._bits) as raw_w, memoryview(t._summ) as raw_s, \
-                raw_w.cast("Q") as words, raw_s.cast("Q") as summ:
+        with memoryview(t._bits) as raw, raw.cast("Q") as words:
             for idx in (0, 1):
-                word = words[idx * geo.words + w]
-                sbit = summ[idx * geo.swords + w // 64] >> (w % 64) & 1
-                out.append(f"bitmap {idx}: chunk bit {word >> (chunk % 64) & 1}, word {word:#x}, "
-                           f"summary bit {sbit}")
+                word = words[idx * t._geo.words + w]
+                out.append(f"bitmap {idx}: chunk bit {word >> (chunk % 64) & 1}, word {word:#x}")
         return "; ".join(out)
 
     def describe(self, exc: UnderReport, r: Round) -> str:

@@ -97,16 +97,6 @@ struct {
 	__type(value, __u64);
 } bits SEC(".maps");
 
-/* Two summaries of cfg.swords u64 each: bit w = bitmap word w is non-zero, so that reading a
- * generation costs O(changed) rather than O(device) for large devices. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, 2); /* resized by the loader to 2 * cfg.swords */
-	__type(key, __u32);
-	__type(value, __u64);
-} summ SEC(".maps");
-
 struct bio_range {
 	__u64 sector;
 	__u64 nr_sects;
@@ -120,24 +110,18 @@ struct {
 	__type(value, struct bio_range);
 } inflight SEC(".maps");
 
-static __always_inline void set_word(__u32 base, __u32 sbase, __u64 w, __u64 mask)
+/* One word of the bitmap, nothing else: the loader finds the set bits by scanning the bitmap
+ * (memory the size of the device / chunk size / 8, scanned at C speed), so no summary or other
+ * index needs maintaining here. */
+static __always_inline void set_word(__u32 base, __u64 w, __u64 mask)
 {
 	__u32 key = base + (__u32)w;
 	__u64 *p = bpf_map_lookup_elem(&bits, &key);
 
-	if (!p)
-		return;
 	/* Hot chunks are written over and over: when their bits are already set, a plain read
-	 * keeps the cache line shared, and the summary bit needs no look either. A non-zero word
-	 * always has its summary bit set once the run that set its first bit has finished, and a
-	 * checkpoint waits for every run still marking the bitmap it closes. */
-	if ((*p & mask) == mask)
-		return;
-	__sync_fetch_and_or(p, mask);
-	key = sbase + (__u32)(w >> 6);
-	p = bpf_map_lookup_elem(&summ, &key);
-	if (p && !(*p & (1ULL << (w & 63))))
-		__sync_fetch_and_or(p, 1ULL << (w & 63));
+	 * keeps the cache line shared. */
+	if (p && (*p & mask) != mask)
+		__sync_fetch_and_or(p, mask);
 }
 
 static __always_inline __u64 word_mask(__u64 w, __u64 c0, __u64 c1)
@@ -150,7 +134,7 @@ static __always_inline __u64 word_mask(__u64 w, __u64 c0, __u64 c1)
 
 struct loop_ctx {
 	__u32 base;
-	__u32 sbase;
+	__u32 pad;
 	__u64 c0;
 	__u64 c1;
 };
@@ -160,7 +144,7 @@ static long mark_word_cb(__u32 i, void *data)
 	struct loop_ctx *lc = data;
 	__u64 w = (lc->c0 >> 6) + i;
 
-	set_word(lc->base, lc->sbase, w, word_mask(w, lc->c0, lc->c1));
+	set_word(lc->base, w, word_mask(w, lc->c0, lc->c1));
 	return 0;
 }
 
@@ -194,10 +178,10 @@ __noinline int mark(__u64 sector, __u64 nr)
 		return 0;
 	idx = *(volatile __u64 *)&c->seq & 1;
 	lc.base = (__u32)(idx * cfg.words);
-	lc.sbase = (__u32)(idx * cfg.swords);
+	lc.pad = 0;
 	nwords = (lc.c1 >> 6) - (lc.c0 >> 6) + 1;
 	if (nwords == 1) {
-		set_word(lc.base, lc.sbase, lc.c0 >> 6, word_mask(lc.c0 >> 6, lc.c0, lc.c1));
+		set_word(lc.base, lc.c0 >> 6, word_mask(lc.c0 >> 6, lc.c0, lc.c1));
 	} else if (nwords <= NBDSINK_MAX_LOOP) {
 		bpf_loop((__u32)nwords, mark_word_cb, &lc, 0);
 	} else {

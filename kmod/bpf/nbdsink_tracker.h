@@ -10,8 +10,6 @@ struct nbdsink_cfg {
 	__u64 nr_sects;     /* length of the tracked range in 512-byte sectors */
 	__u32 chunk_shift;  /* log2(chunk size / 512) */
 	__u32 words;        /* u64 words in one generation's bitmap */
-	__u32 swords;       /* u64 words in one generation's summary bitmap */
-	__u32 pad;
 };
 
 /* The one entry of the "ctl" map (mmapable, shared with userspace). */

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import subprocess
 import time
@@ -43,16 +44,18 @@ PIN_ROOT = Path("/sys/fs/bpf/nbdsink")
 STATE_DIR = Path("/run/nbdsink/tracker/bpf")
 REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "kmod" / "bpf"
 OBJECT_NAME = "nbdsink_tracker.bpf.o"
-# 2: per-CPU "active" counters (pin "pcpu"); only the b copies' misses count.
+# 2: per-CPU "active" counters (pin "pcpu"); only the b copies' misses count; no summary
+# bitmaps (pin "summ").
 STATE_VERSION = 2
 
 # struct nbdsink_cfg, struct nbdsink_ctl and struct nbdsink_pcpu of kmod/bpf/nbdsink_tracker.h.
-_CFG = struct.Struct("<IIQQIIII")
+_CFG = struct.Struct("<IIQQII")
 _CTL_SEQ, _CTL_OVERFLOW = 0, 8
 _CTL_SIZE = 32
 _PCPU_SIZE = 32  # u64 active, u64 last[3]
 _WAIT_TIMEOUT = 10.0
 _FULL = (1 << 64) - 1
+_NONZERO = re.compile(rb"[^\x00]+")
 
 
 def btf_path() -> str:
@@ -104,13 +107,11 @@ class _Geometry:
     chunk_size: int
     chunks: int
     words: int
-    swords: int
 
     @classmethod
     def of(cls, size: int, chunk_size: int) -> _Geometry:
         chunks = max(1, -(-size // chunk_size))
-        words = -(-chunks // 64)
-        return cls(chunk_size, chunks, words, -(-words // 64))
+        return cls(chunk_size, chunks, -(-chunks // 64))
 
 
 def _mmap_map(path: str, entries: int, value_size: int) -> mmap.mmap:
@@ -175,10 +176,9 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
     shift = (geo.chunk_size // 512).bit_length() - 1
     obj.set_rodata(
         _CFG.pack(dev.disk_major, dev.disk_minor, dev.start_sector, dev.nr_sectors, shift,
-                  geo.words, geo.swords, 0)
+                  geo.words)
     )
     obj.set_max_entries("bits", 2 * geo.words)
-    obj.set_max_entries("summ", 2 * geo.swords)
     # Request-based devices complete requests, bio-based ones only bios: attach what fires.
     # Each hook has two copies (see the program's comment); queue hooks go first so that
     # completions find their bio's range.
@@ -188,7 +188,7 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
         for copy in "ab":
             obj.set_autoload(f"{h}_{copy}", f"{h}_{copy}" in progs)
     obj.load()
-    for m in ("ctl", "pcpu", "bits", "summ", "inflight"):
+    for m in ("ctl", "pcpu", "bits", "inflight"):
         obj.pin_map(m, str(pins / m))
     obj.pin_program("flip", str(pins / "flip"))
     for p in progs:
@@ -261,7 +261,6 @@ class BpfTracker(Tracker):
         try:
             self._ctl = _mmap_map(str(self._pins / "ctl"), 1, _CTL_SIZE)
             self._bits = _mmap_map(str(self._pins / "bits"), 2 * self._geo.words, 8)
-            self._summ = _mmap_map(str(self._pins / "summ"), 2 * self._geo.swords, 8)
         except TrackerError as exc:
             raise TrackingLost(f"{device}: pinned tracker is incomplete ({exc})") from None
 
@@ -289,54 +288,30 @@ class BpfTracker(Tracker):
 
     # -- bitmaps --------------------------------------------------------------------------
 
-    def _read_bitmap(self, idx: int) -> tuple[list[runs.Run], list[int], list[int], bool]:
-        """Runs marked in bitmap ``idx``, the words and summary words to clear, overflow."""
-        with (
-            memoryview(self._bits) as raw_w,
-            memoryview(self._summ) as raw_s,
-            raw_w.cast("Q") as words,
-            raw_s.cast("Q") as summ,
-        ):
-            return self._scan(idx, words, summ)
+    def _read_bitmap(self, idx: int) -> list[runs.Run]:
+        """Runs marked in bitmap ``idx`` (the whole device if its overflow flag is set).
 
-    def _scan(
-        self, idx: int, words: memoryview, summ: memoryview
-    ) -> tuple[list[runs.Run], list[int], list[int], bool]:
-        base, sbase = idx * self._geo.words, idx * self._geo.swords
-        word_idx: list[int] = []
-        summ_idx: list[int] = []
+        The whole bitmap is scanned, with a regular expression over its bytes: C speed, so
+        even 2 MiB (1 TiB in 64 KiB chunks) takes about a millisecond, and the program keeps
+        no index of its non-zero words to keep right.
+        """
+        n = self._geo.words
+        with memoryview(self._bits) as raw:
+            data = raw[idx * n * 8 : (idx + 1) * n * 8].tobytes()
         pairs: list[tuple[int, int]] = []
-        for s in range(self._geo.swords):
-            sv = summ[sbase + s]
-            if not sv:
-                continue
-            summ_idx.append(sbase + s)
-            while sv:
-                b = (sv & -sv).bit_length() - 1
-                sv &= sv - 1
-                w = s * 64 + b
-                v = words[base + w]
-                word_idx.append(base + w)
-                if v:
-                    pairs.append((w, v))
-        overflow = struct.unpack_from("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx)[0] != 0
+        for m in _NONZERO.finditer(data):
+            for w in range(m.start() // 8, (m.end() - 1) // 8 + 1):
+                if not pairs or pairs[-1][0] != w:  # two matches may share a word
+                    pairs.append((w, int.from_bytes(data[w * 8 : w * 8 + 8], "little")))
         found = runs.from_bitmap_words(pairs)
-        if overflow:
+        if struct.unpack_from("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx)[0] != 0:
             found = [(0, self._geo.chunks)]
-        found = [(f, min(n, self._geo.chunks - f)) for f, n in found if f < self._geo.chunks]
-        return found, word_idx, summ_idx, overflow
+        return [(f, min(c, self._geo.chunks - f)) for f, c in found if f < self._geo.chunks]
 
-    def _clear_bitmap(self, idx: int, word_idx: list[int], summ_idx: list[int]) -> None:
-        with (
-            memoryview(self._bits) as raw_w,
-            memoryview(self._summ) as raw_s,
-            raw_w.cast("Q") as words,
-            raw_s.cast("Q") as summ,
-        ):
-            for w in word_idx:
-                words[w] = 0
-            for s in summ_idx:
-                summ[s] = 0
+    def _clear_bitmap(self, idx: int) -> None:
+        n = self._geo.words
+        with memoryview(self._bits) as raw:
+            raw[idx * n * 8 : (idx + 1) * n * 8] = bytes(n * 8)
         struct.pack_into("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx, 0)
 
     def _flip_and_wait(self) -> None:
@@ -370,10 +345,12 @@ class BpfTracker(Tracker):
                 total += libbpf.recursion_misses(fd)
         return total
 
-    def _close_generation(self, state: dict[str, Any], gen: int) -> None:
-        """Persist closed generation ``gen`` (bitmap ``(gen - 1) & 1``), then clear it."""
+    def _close_generation(self, state: dict[str, Any], gen: int,
+                          extra: list[runs.Run] | None = None) -> None:
+        """Persist closed generation ``gen`` (bitmap ``(gen - 1) & 1``, plus ``extra``), then
+        clear it."""
         idx = (gen - 1) & 1
-        found, word_idx, summ_idx, _ = self._read_bitmap(idx)
+        found = runs.union(self._read_bitmap(idx), extra or [])
         misses = self._misses()
         if misses != state["misses"]:
             # The kernel skipped a run of a b copy (completions nested two deep on one CPU,
@@ -385,7 +362,7 @@ class BpfTracker(Tracker):
         state["pending"].append([gen, [list(r) for r in found]])
         state["last_closed"] = gen
         write_json(self._state_path, state)
-        self._clear_bitmap(idx, word_idx, summ_idx)
+        self._clear_bitmap(idx)
 
     # -- Tracker --------------------------------------------------------------------------
 
@@ -401,13 +378,15 @@ class BpfTracker(Tracker):
                     f"{self.device}: state says generation {state['last_closed']} was closed "
                     f"last, the kernel says {seq}: rescan needed"
                 )
-            # The bitmap about to become current only holds stale bits after a crash.
+            # The bitmap about to become current holds bits only after a crash between saving
+            # and clearing a generation: they were saved then, and are reported once more
+            # with this generation (over-reporting beats ever losing a mark).
             spare = (seq + 1) & 1
-            _, word_idx, summ_idx, _ = self._read_bitmap(spare)
-            self._clear_bitmap(spare, word_idx, summ_idx)
+            stale = self._read_bitmap(spare)
+            self._clear_bitmap(spare)
             self._flip_and_wait()
             gen = seq + 1
-            self._close_generation(state, gen)
+            self._close_generation(state, gen, stale)
             return DirtySet(gen, self.chunk_size, self._report(state))
 
     def _report(self, state: dict[str, Any]) -> list[tuple[int, int]]:
@@ -430,7 +409,7 @@ class BpfTracker(Tracker):
 
     def status(self) -> TrackerStatus:
         state = self._load_state()
-        live, _, _, _ = self._read_bitmap(self._seq() & 1)
+        live = self._read_bitmap(self._seq() & 1)
         pending = [[(f, n) for f, n in r] for _, r in state["pending"]]
         dirty = runs.to_extents(runs.union(live, *pending), self.chunk_size, self.device_size)
         return TrackerStatus(
@@ -450,7 +429,7 @@ class BpfTracker(Tracker):
 
     def close(self) -> None:
         """Release this handle's mappings (tracking continues)."""
-        for m in (self._ctl, self._bits, self._summ):
+        for m in (self._ctl, self._bits):
             if not m.closed:
                 m.close()
 
