@@ -78,8 +78,10 @@ def changed_chunks(before: list[bytes], after: list[bytes]) -> set[int]:
 def io_counters(device: str) -> tuple[int, int, int]:
     """(writes completed, discards completed, requests in flight) of a block device, from
     its sysfs stat file. The counters move after the completion tracepoint has fired."""
-    name = Path(os.path.realpath(device)).name
-    f = Path(f"/sys/class/block/{name}/stat").read_text().split()
+    # By device number: a device-mapper node made by dmsetup without udev (as in the VM) is
+    # not a symlink to its dm-N name.
+    rdev = os.stat(device).st_rdev
+    f = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/stat").read_text().split()
     return int(f[4]), int(f[11]), int(f[8])
 
 
