@@ -177,6 +177,17 @@ def test_skipped_program_run_marks_everything(make_loop: Callable[..., str]) -> 
     finally:
         tracker.stop()
 
+def assert_fresh_start_tracks(device: str, chunk: int) -> None:
+    """A new ``start`` on ``device`` tracks again: a write to ``chunk`` is reported alone."""
+    tracker = bpf.start_bpf(device, CS)
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+        conf.write_direct(fd, chunk * CS, os.urandom(4096))
+        os.close(fd)
+        assert conf.reported_chunks(tracker.checkpoint()) == {chunk}
+    finally:
+        tracker.stop()
+
 
 def test_lost_pins_are_reported_and_tracking_can_restart(make_loop: Callable[..., str]) -> None:
     loop = make_loop(16 * MiB)
@@ -186,14 +197,7 @@ def test_lost_pins_are_reported_and_tracking_can_restart(make_loop: Callable[...
         p.unlink()  # what unmounting bpffs or a careless rm does
     with pytest.raises(TrackerError):
         bpf.open_bpf(loop).checkpoint()
-    tracker = bpf.start_bpf(loop, CS)
-    try:
-        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
-        conf.write_direct(fd, 2 * CS, os.urandom(4096))
-        os.close(fd)
-        assert conf.reported_chunks(tracker.checkpoint()) == {2}
-    finally:
-        tracker.stop()
+    assert_fresh_start_tracks(loop, chunk=2)
 
 
 @pytest.mark.parametrize("kind", ["loop", "zram"])
@@ -229,11 +233,4 @@ def test_tracking_of_another_version_is_lost_and_replaced(make_loop: Callable[..
     state_path.write_text(json.dumps(state))
     with pytest.raises(TrackingLost, match="another version"):
         bpf.open_bpf(loop)
-    tracker = bpf.start_bpf(loop, CS)
-    try:
-        fd = os.open(loop, os.O_RDWR | os.O_DIRECT)
-        conf.write_direct(fd, 4 * CS, os.urandom(4096))
-        os.close(fd)
-        assert conf.reported_chunks(tracker.checkpoint()) == {4}
-    finally:
-        tracker.stop()
+    assert_fresh_start_tracks(loop, chunk=4)
