@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nbdsink.testing import ServerProcess, _accepts
+from nbdsink.testing import ServerProcess
 from nbdsink.units import format_size, parse_size
 
 KINDS = (("new", "new data"), ("dup", "duplicate"), ("read", "read"))
@@ -40,9 +40,13 @@ def timed(cmd: list[str]) -> float:
 
 def file_server(target: Path, sock: Path) -> subprocess.Popen[bytes]:
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), "file",
-                             str(target)])
-    while not _accepts(sock):
+    # nbdkit writes its pid file once it listens: waiting for it needs no probe connection
+    # (which nbdkit would log as a broken handshake).
+    pidfile = sock.with_suffix(".pid")
+    pidfile.unlink(missing_ok=True)
+    proc = subprocess.Popen(["nbdkit", "--foreground", "--pidfile", str(pidfile),
+                             "--unix", str(sock), "file", str(target)])
+    while not (pidfile.exists() and pidfile.read_text().strip()):
         if proc.poll() is not None:
             raise RuntimeError(f"nbdkit file exited with {proc.returncode}")
         time.sleep(0.02)

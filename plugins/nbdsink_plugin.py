@@ -75,28 +75,41 @@ def config_complete() -> None:
         raise RuntimeError("missing store=DIR")
 
 
-M_ARENA_MAX = -8  # glibc mallopt parameter
+# glibc mallopt parameters
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+HEAP_KEEP = 256 << 20
+"""Free memory at the top of the heap that glibc keeps instead of returning it to the kernel:
+about two batches of chunks plus one commit's dirty pages."""
+MMAP_ABOVE = 32 << 20
+"""Only allocations this large get their own mapping (glibc's upper limit): every chunk and
+request buffer, up to nbdkit's 32 MiB requests, comes from the heap."""
 
 
-def _one_malloc_arena() -> None:
-    """Make every thread allocate from one glibc arena.
+def _tune_malloc() -> None:
+    """Keep the heap's memory in the process, and in one arena.
 
-    Ingest allocates a chunk in the thread that received it and frees it in the thread that
-    saved it; LMDB allocates and frees a commit's dirty pages in the saving thread. With an
-    arena per thread, memory freed in one arena is no use to the next allocation in another,
-    heaps grow and shrink, and the kernel faults fresh zeroed pages in again and again.
-    Measured on 1 GiB of new data: 137k -> 57k page faults, 10% less CPU. Allocations are
-    few (one per 64 KiB block), so the shared arena's lock is not contended.
+    Every batch allocates its chunks (one per block) and LMDB allocates a commit's dirty
+    pages, then both are freed at once. By default glibc hands that memory back to the
+    kernel when it is freed and faults fresh zeroed pages in for the next batch, which made
+    the puts of a 64 MiB batch six times slower than with the memory kept (measured: 0.9 s
+    against 0.16 s of puts per GiB). With an arena per thread, memory freed by the saving
+    thread would also be no use to the threads that receive the next batch. Allocations
+    are few (one per block), so the one arena's lock is not contended.
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: only slower
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_ARENA_MAX, 1)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEP)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)
 
 
 def after_fork() -> None:
     # LMDB must not be opened before nbdkit forks into the background, so open here.
     global _store, _heads, _lock_fd
     # Before nbdkit starts the threads that serve connections, so they all use it.
-    _one_malloc_arena()
+    _tune_malloc()
     path = Path(_config["store"])
     _lock_fd = take_serve_lock(path)
     kwargs: dict[str, Any] = {}

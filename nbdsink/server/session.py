@@ -19,6 +19,13 @@ from nbdsink.store.head import DEFAULT_BATCH_BYTES, Head, block_is_data, read_in
 MAX_REQUEST = 32 << 20
 """Largest request advertised: the Linux nbd driver and qemu-nbd both stop at 32 MiB."""
 
+PREFERRED_REQUEST = 4 << 20
+"""Preferred block size advertised (at least the volume's block size). Any aligned request
+of whole blocks is efficient, but every request costs a round through the Python plugin, so
+fewer, larger requests are faster: clients that honour it (nbdcopy, qemu) read a version
+about 1.6 times as fast with 4 MiB requests as with nbdcopy's default of 256 KiB, and write
+duplicates about 1.3 times as fast."""
+
 MAX_EXTENT_BLOCKS = 16384
 """At most this many blocks are examined per block-status reply (a short reply is allowed)."""
 
@@ -145,7 +152,7 @@ class Session:
 
     @property
     def block_size(self) -> tuple[int, int, int]:
-        return (1, self.volume.block_size, MAX_REQUEST)
+        return (1, max(self.volume.block_size, PREFERRED_REQUEST), MAX_REQUEST)
 
     @property
     def description(self) -> str:
