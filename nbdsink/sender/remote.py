@@ -27,6 +27,7 @@ from nbdsink.sender.plan import Extent
 log = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^version (\d+)\b")
+_BLOCK_SIZE_RE = re.compile(r"\bblock size (\d+)\b")
 DIGEST_READ = 4 << 20
 
 
@@ -59,6 +60,16 @@ def version_from_description(description: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def block_size_from_description(description: str | None) -> int | None:
+    """The volume's block size as an nbdsink head describes itself (``..., block size N)``).
+
+    The head's preferred block size is larger than the block size (fewer, larger requests
+    are faster), so the description is where the block size itself is found.
+    """
+    m = _BLOCK_SIZE_RE.search(description or "")
+    return int(m.group(1)) if m else None
+
+
 class NbdRemote:
     """A connected head; implements :class:`nbdsink.sender.cycle.Remote`."""
 
@@ -68,7 +79,8 @@ class NbdRemote:
         self.conn = conn
         self.tls = tls
         self.size = conn.size
-        self.block_size = conn.block_size[1]
+        # Another NBD server: its preferred block size is the best guess.
+        self.block_size = block_size_from_description(conn.description) or conn.block_size[1]
 
     def check(self, *, size: int, chunk_size: int | None) -> None:
         """The volume must have the device's size and the state's chunk size."""

@@ -14,6 +14,9 @@ from pathlib import Path
 import nbd
 import pytest
 
+from nbdsink import nbd as nbdsink_nbd
+from nbdsink.sender.errors import VolumeMismatch
+from nbdsink.sender.remote import NbdRemote
 from nbdsink.server.session import PREFERRED_REQUEST
 from nbdsink.testing import ServerProcess, run_cli
 
@@ -149,8 +152,11 @@ def test_list_exports_with_descriptions(server: ServerProcess) -> None:
     assert exports["vol@latest"]["description"].startswith("version 3 of vol, committed ")
     assert exports["vol@2"]["is_read_only"] is True
     assert exports["vol"]["is_read_only"] is False
-    # Whole blocks at least; larger, because each request costs a round through Python.
+    # Larger than a block, because each request costs a round through Python; the block
+    # size itself is in the head's description (the sender reads it there).
     assert exports["vol"]["block_size_preferred"] == max(BS, PREFERRED_REQUEST)
+    assert exports["vol@2"]["block_size_preferred"] == max(BS, PREFERRED_REQUEST)
+    assert f"block size {BS})" in exports["vol"]["description"]
 
 
 def test_time_export_names(server: ServerProcess) -> None:
@@ -264,3 +270,18 @@ def test_largest_request_and_garbage_on_the_wire(tmp_path: Path) -> None:
                     pass
         assert srv.alive
         assert connect(srv.uri("big@1")).pread(32 << 20, 4096 + 512) == data
+
+
+async def test_sender_learns_the_block_size_from_the_head(tmp_path: Path) -> None:
+    """The head prefers requests larger than a block; the sender's chunk size must still be
+    the volume's block size, which it reads from the head's description."""
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock")
+    srv.create_volume("small", SIZE, 16384)
+    with srv:
+        async with nbdsink_nbd.connect(srv.uri("small")) as conn:
+            assert conn.block_size[1] == PREFERRED_REQUEST
+            remote = NbdRemote(srv.uri("small"), conn, None)
+            assert remote.block_size == 16384
+            remote.check(size=SIZE, chunk_size=16384)
+            with pytest.raises(VolumeMismatch, match="block size 16384"):
+                remote.check(size=SIZE, chunk_size=BS)
