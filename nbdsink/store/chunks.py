@@ -2,6 +2,14 @@
 
 header: format (u8) | codec (u8) | length (u32), big-endian. Codec 0 is raw. A reader that
 meets a format or codec it does not know fails loudly instead of returning wrong bytes.
+
+Format 1 keeps the whole chunk in one value of the ``chunks`` database. Format 2 (what is
+written now) keeps header and data up to :func:`split_point` there and the last few bytes in
+``chunk_tails``: LMDB puts a large value on whole pages behind a 16-byte page header, so a
+value of header + 64 KiB of data would take 17 pages of 4 KiB, and a 4 KiB block would take
+two. Without its tail the value fills its pages exactly, and the tails pack densely into
+ordinary leaf pages. Stores written by earlier versions hold format 1 chunks, which stay
+readable.
 """
 
 from __future__ import annotations
@@ -12,11 +20,14 @@ import blake3
 
 from nbdsink.store.errors import StoreFormatError
 
-CHUNK_FORMAT = 1
+FORMAT_WHOLE = 1
+FORMAT_SPLIT = 2
 CODEC_RAW = 0
 _HEADER = struct.Struct(">BBI")
 HEADER_SIZE = _HEADER.size
 DIGEST_SIZE = 32
+LMDB_PAGE_HEADER = 16
+"""Bytes of LMDB's page header in front of a value stored on its own (overflow) pages."""
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -24,24 +35,37 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def split_point(length: int, page_size: int) -> int:
+    """How many data bytes of a chunk of ``length`` go in the ``chunks`` value, so that the
+    value (header and data) fills its LMDB pages exactly; the rest is the chunk's tail."""
+    # For a block (a power of two from 4 KiB) and 4 KiB pages the tail is 22 bytes.
+    return length - min(length, (HEADER_SIZE + length + LMDB_PAGE_HEADER) % page_size)
+
+
 def encode_chunk(data: bytes | bytearray | memoryview, pad_to: int = 0) -> bytearray:
     """Header and data in one buffer (one copy of ``data``), zero-padded to ``pad_to`` bytes
-    of data when ``data`` is shorter (the partial last block of a volume)."""
+    of data when ``data`` is shorter (the partial last block of a volume).
+
+    The header says format 2; :meth:`nbdsink.store.Store.stage_blocks` stores the buffer up
+    to the split point and the rest as the tail (which may be empty)."""
     length = max(len(data), pad_to)
     # Header, then append: no zero-fill of the data part before it is overwritten.
-    out = bytearray(_HEADER.pack(CHUNK_FORMAT, CODEC_RAW, length))
+    out = bytearray(_HEADER.pack(FORMAT_SPLIT, CODEC_RAW, length))
     out += data
     if length > len(data):
         out += bytes(length - len(data))
     return out
 
 
-def decode_chunk(stored: bytes | memoryview) -> memoryview:
-    """The chunk's data, as a view into ``stored``."""
+def decode_chunk(stored: bytes | memoryview) -> tuple[memoryview, int, bool]:
+    """``(data, length, split)`` of a stored ``chunks`` value: the data it holds (all of the
+    chunk, or its part before the split point), the chunk's whole length, and whether a tail
+    is stored apart."""
     fmt, codec, length = _HEADER.unpack_from(stored)
-    if fmt != CHUNK_FORMAT or codec != CODEC_RAW:
+    if fmt not in (FORMAT_WHOLE, FORMAT_SPLIT) or codec != CODEC_RAW:
         raise StoreFormatError(f"chunk in unknown format {fmt}/codec {codec}")
-    view = memoryview(stored)[HEADER_SIZE : HEADER_SIZE + length]
-    if len(view) != length:
-        raise StoreFormatError("truncated chunk")
-    return view
+    view = memoryview(stored)[HEADER_SIZE:]
+    split = fmt == FORMAT_SPLIT
+    if len(view) > length or (not split and len(view) != length):
+        raise StoreFormatError("chunk of the wrong length")
+    return view, length, split

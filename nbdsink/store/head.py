@@ -77,7 +77,7 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
             elif chunk is not None:
                 buf[pos : pos + n] = memoryview(chunk)[HEADER_SIZE + lo : HEADER_SIZE + hi]
             else:
-                buf[pos : pos + n] = store.get_chunk(txn, digest)[lo:hi]
+                store.copy_chunk(txn, digest, buf[pos : pos + n], lo)
             pos += n
 
     store.read(fill)

@@ -6,7 +6,8 @@ One LMDB environment per store directory, with named sub-databases:
 - ``volumes``:  name -> JSON {id, size, block_size, created, parent}
 - ``versions``: (volume id, version) -> JSON record of a committed version
 - ``map``:      (volume id, block, ~version) -> 32-byte digest, or b"" for an all-zero block
-- ``chunks``:   digest -> header + data (see :mod:`nbdsink.store.chunks`)
+- ``chunks``:   digest -> header + data up to the split point (see :mod:`nbdsink.store.chunks`)
+- ``chunk_tails``: digest -> the rest of the chunk's data (a few bytes)
 - ``pending``:  volume id -> JSON counters of the pending (uncommitted) version
 
 Reading block b of version V is one ``set_range``: the newest map entry for b at or below V.
@@ -43,7 +44,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import HEADER_SIZE, decode_chunk
+from nbdsink.store.chunks import HEADER_SIZE, decode_chunk, split_point
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -54,7 +55,10 @@ from nbdsink.store.errors import (
 )
 from nbdsink.store.writeback import WritebackKicker
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
+"""Format 2 stores chunks split in two (see :mod:`nbdsink.store.chunks`). A format 1 store
+is upgraded when it is opened: its chunks stay readable as they are."""
+READABLE_FORMATS = (1, 2)
 DEFAULT_MAP_SIZE = 1 << 30
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 4 << 20
@@ -232,6 +236,8 @@ class Store:
         self._versions = self.env.open_db(b"versions")
         self._map = self.env.open_db(b"map")
         self._chunks = self.env.open_db(b"chunks")
+        self._tails = self.env.open_db(b"chunk_tails")
+        self._page_size = int(self.env.stat()["psize"])
         self._pending = self.env.open_db(b"pending")
         self._writeback = WritebackKicker(self.path / "data.mdb")
         self._check_format(create)
@@ -247,14 +253,20 @@ class Store:
                 header = {"format": STORE_FORMAT, "created": utc_iso(time.time())}
                 txn.put(b"format", json.dumps(header).encode(), db=self._meta)
                 return
-        try:
-            fmt = json.loads(raw)["format"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreFormatError(f"{self.path}: unreadable store header") from exc
-        if fmt != STORE_FORMAT:
-            raise StoreFormatError(
-                f"store at {self.path} has format {fmt}; this nbdsink reads format {STORE_FORMAT}"
-            )
+            try:
+                header = json.loads(raw)
+                fmt = header["format"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreFormatError(f"{self.path}: unreadable store header") from exc
+            if fmt not in READABLE_FORMATS:
+                raise StoreFormatError(
+                    f"store at {self.path} has format {fmt}; this nbdsink reads formats "
+                    f"{', '.join(map(str, READABLE_FORMATS))}"
+                )
+            if fmt != STORE_FORMAT:
+                # From now on chunks are written split: an older nbdsink must refuse the store.
+                header.update(format=STORE_FORMAT, upgraded=utc_iso(time.time()))
+                txn.put(b"format", json.dumps(header).encode(), db=self._meta)
 
     def close(self) -> None:
         with self._write_lock, self._guard.exclusive():
@@ -476,11 +488,26 @@ class Store:
     def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
         return txn.get(digest, db=self._chunks) is not None
 
-    def get_chunk(self, txn: lmdb.Transaction, digest: bytes) -> memoryview:
+    def copy_chunk(self, txn: lmdb.Transaction, digest: bytes, dest: memoryview,
+                   start: int) -> None:
+        """Copy the chunk's data from ``start`` into all of ``dest``."""
         stored = txn.get(digest, db=self._chunks)
         if stored is None:
             raise StoreError(f"store is missing chunk {digest.hex()}")
-        return decode_chunk(stored)
+        head, length, split = decode_chunk(stored)
+        end = start + len(dest)
+        cut = len(head)
+        if end <= cut:
+            dest[:] = head[start:end]
+            return
+        tail = txn.get(digest, db=self._tails) if split else None
+        if tail is None or cut + len(tail) != length or end > length:
+            raise StoreFormatError(f"chunk {digest.hex()} is incomplete (tail missing or short)")
+        if start < cut:
+            dest[: cut - start] = head[start:]
+            dest[cut - start :] = tail[: end - cut]
+        else:
+            dest[:] = tail[start - cut : end - cut]
 
     # The pending-version primitives below are used by nbdsink.store.head.Head inside one
     # write transaction. They are here because they know the key layout.
@@ -533,10 +560,14 @@ class Store:
                     txn.delete(pending_key, db=self._map)
                     counters.blocks_changed -= 1
                 continue
-            if (digest is not None and chunk is not None
-                    and txn.put(digest, chunk, db=self._chunks, overwrite=False)):
-                counters.bytes_stored += len(chunk) - HEADER_SIZE
-                counters.chunks_stored += 1
+            if digest is not None and chunk is not None:
+                length = len(chunk) - HEADER_SIZE
+                cut = HEADER_SIZE + split_point(length, self._page_size)
+                view = memoryview(chunk)
+                if txn.put(digest, view[:cut], db=self._chunks, overwrite=False):
+                    txn.put(digest, view[cut:], db=self._tails)
+                    counters.bytes_stored += length
+                    counters.chunks_stored += 1
             txn.put(pending_key, digest or b"", db=self._map)
             if not had_pending:
                 counters.blocks_changed += 1

@@ -308,3 +308,81 @@ assert other.env.info()["map_size"] > 8 << 20
     assert [v.name for v in small.volumes()] == ["a", "b"]
     expected = random.Random(1).randbytes(16 << 20)
     assert read_all(small, Heads(small), "a@1", 16 << 20) == expected
+
+
+@pytest.mark.parametrize("block_size", [4096, 65536])
+def test_chunks_fill_whole_pages(tmp_path: Path, block_size: int) -> None:
+    """A chunk takes block_size / 4 KiB pages, not one more for LMDB's page header (which
+    doubled the space of 4 KiB blocks)."""
+    size = 8 << 20
+    store = Store(tmp_path / "s", create=True)
+    head = Head(store, store.create_volume("vol", size, block_size))
+    before = store.env.info()["last_pgno"]
+    data = random.Random(7).randbytes(size)
+    head.write(memoryview(data), 0)
+    assert head.commit() is not None
+    pages = store.env.info()["last_pgno"] - before
+    # The data, plus a few hundred bytes per chunk of keys, tails, map and tree pages.
+    bound = size + (size // block_size) * 256 + (64 << 10)
+    assert pages * 4096 < bound, f"{pages} pages for {size >> 20} MiB of {block_size}-byte blocks"
+    assert read_all(store, Heads(store), "vol@1", size) == data
+
+
+def _rewrite_chunks_as_format_1(path: Path) -> None:
+    """What a store written before chunks were split holds: whole chunks, format 1."""
+    env = lmdb.open(str(path), max_dbs=8)
+    meta, chunks, tails = (env.open_db(name) for name in (b"meta", b"chunks", b"chunk_tails"))
+    with env.begin(write=True) as txn:
+        for digest, tail in list(txn.cursor(db=tails)):
+            head = bytearray(txn.get(digest, db=chunks))
+            head[0] = 1
+            txn.put(digest, bytes(head) + tail, db=chunks)
+            txn.delete(digest, db=tails)
+        header = json.loads(txn.get(b"format", db=meta))
+        txn.put(b"format", json.dumps({**header, "format": 1}).encode(), db=meta)
+    env.close()
+
+
+def test_format_1_store_is_upgraded_and_its_chunks_stay_readable(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    first, second = rng.randbytes(SIZE), rng.randbytes(SIZE)
+    store = Store(tmp_path / "s", create=True)
+    head = Head(store, store.create_volume("vol", SIZE, BS))
+    head.write(memoryview(first), 0)
+    head.commit()
+    store.close()
+    _rewrite_chunks_as_format_1(tmp_path / "s")
+
+    store = Store(tmp_path / "s")
+    header = store.read(lambda txn: json.loads(bytes(txn.get(b"format", db=store._meta))))
+    assert header["format"] == 2 and "upgraded" in header
+    assert read_all(store, Heads(store), "vol@1", SIZE) == first
+    # New chunks are split; old and new read back side by side, and a partial write
+    # reads-modifies-writes an old chunk.
+    head = Head(store, store.volume("vol"))
+    head.write(memoryview(second[: SIZE // 2]), 0)
+    head.write(memoryview(b"x" * 100), SIZE - 2 * BS - 50)
+    head.commit()
+    expected = bytearray(second[: SIZE // 2] + first[SIZE // 2 :])
+    expected[SIZE - 2 * BS - 50 : SIZE - 2 * BS + 50] = b"x" * 100
+    assert read_all(store, Heads(store), "vol@2", SIZE) == bytes(expected)
+    assert read_all(store, Heads(store), "vol@1", SIZE) == first
+
+
+def test_a_chunk_without_its_tail_is_a_clear_error(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s", create=True)
+    head = Head(store, store.create_volume("vol", SIZE, BS))
+    head.write(memoryview(random.Random(5).randbytes(BS)), 0)
+    head.commit()
+    store.close()
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=8)
+    tails = env.open_db(b"chunk_tails")
+    with env.begin(write=True) as txn:
+        txn.drop(tails, delete=False)
+    env.close()
+    store = Store(tmp_path / "s")
+    buf = bytearray(BS)
+    with pytest.raises(StoreFormatError, match="incomplete"):
+        Session(store, Heads(store), "vol@1", readonly=True).pread(memoryview(buf), 0)
+    # The part before the split point needs no tail.
+    Session(store, Heads(store), "vol@1", readonly=True).pread(memoryview(buf)[:100], 0)
