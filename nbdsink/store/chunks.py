@@ -57,15 +57,16 @@ def encode_chunk(data: bytes | bytearray | memoryview, pad_to: int = 0) -> bytea
     return out
 
 
-def decode_chunk(stored: bytes | memoryview) -> tuple[memoryview, int, bool]:
-    """``(data, length, split)`` of a stored ``chunks`` value: the data it holds (all of the
-    chunk, or its part before the split point), the chunk's whole length, and whether a tail
-    is stored apart."""
-    fmt, codec, length = _HEADER.unpack_from(stored)
-    if fmt not in (FORMAT_WHOLE, FORMAT_SPLIT) or codec != CODEC_RAW:
-        raise StoreFormatError(f"chunk in unknown format {fmt}/codec {codec}")
-    view = memoryview(stored)[HEADER_SIZE:]
-    split = fmt == FORMAT_SPLIT
-    if len(view) > length or (not split and len(view) != length):
-        raise StoreFormatError("chunk of the wrong length")
-    return view, length, split
+_unpack_header = _HEADER.unpack_from
+
+
+def check_header(stored: bytes | memoryview) -> tuple[int, int]:
+    """``(format, length)`` of a stored ``chunks`` value (header and the data it holds: all
+    of a format 1 chunk, the part before the split point of a format 2 chunk)."""
+    fmt, codec, length = _unpack_header(stored)
+    held = len(stored) - HEADER_SIZE
+    if codec != CODEC_RAW or not (held == length if fmt == FORMAT_WHOLE
+                                  else fmt == FORMAT_SPLIT and held <= length):
+        raise StoreFormatError(
+            f"chunk in unknown format {fmt}/codec {codec}, or of the wrong length")
+    return fmt, length

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import HEADER_SIZE, decode_chunk, split_point
+from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_point
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -490,21 +490,25 @@ class Store:
 
     def copy_chunk(self, txn: lmdb.Transaction, digest: bytes, dest: memoryview,
                    start: int) -> None:
-        """Copy the chunk's data from ``start`` into all of ``dest``."""
+        """Copy the chunk's data from ``start`` into all of ``dest``.
+
+        On the path of every NBD read, once per block: the header is checked here rather
+        than through :func:`nbdsink.store.chunks.decode_chunk`, without building views that
+        are not needed."""
         stored = txn.get(digest, db=self._chunks)
         if stored is None:
             raise StoreError(f"store is missing chunk {digest.hex()}")
-        head, length, split = decode_chunk(stored)
+        fmt, length = check_header(stored)
         end = start + len(dest)
-        cut = len(head)
+        cut = len(stored) - HEADER_SIZE  # data bytes held in `stored`
         if end <= cut:
-            dest[:] = head[start:end]
+            dest[:] = stored[HEADER_SIZE + start : HEADER_SIZE + end]
             return
-        tail = txn.get(digest, db=self._tails) if split else None
+        tail = txn.get(digest, db=self._tails) if fmt == FORMAT_SPLIT else None
         if tail is None or cut + len(tail) != length or end > length:
             raise StoreFormatError(f"chunk {digest.hex()} is incomplete (tail missing or short)")
         if start < cut:
-            dest[: cut - start] = head[start:]
+            dest[: cut - start] = stored[HEADER_SIZE + start :]
             dest[cut - start :] = tail[: end - cut]
         else:
             dest[:] = tail[start - cut : end - cut]
