@@ -56,8 +56,8 @@ from nbdsink.store.errors import (
 from nbdsink.store.writeback import WritebackKicker
 
 STORE_FORMAT = 2
-"""Format 2 stores chunks split in two (see :mod:`nbdsink.store.chunks`). A format 1 store
-is upgraded when it is opened: its chunks stay readable as they are."""
+"""Format 2 stores chunks smaller than 64 KiB split in two (see :mod:`nbdsink.store.chunks`).
+A format 1 store is upgraded when it is opened: its chunks stay readable as they are."""
 READABLE_FORMATS = (1, 2)
 DEFAULT_MAP_SIZE = 1 << 30
 MIN_BLOCK_SIZE = 4096
@@ -566,10 +566,12 @@ class Store:
                 continue
             if digest is not None and chunk is not None:
                 length = len(chunk) - HEADER_SIZE
-                cut = HEADER_SIZE + split_point(length, self._page_size)
+                split = chunk[0] == FORMAT_SPLIT
+                cut = HEADER_SIZE + (split_point(length, self._page_size) if split else length)
                 view = memoryview(chunk)
                 if txn.put(digest, view[:cut], db=self._chunks, overwrite=False):
-                    txn.put(digest, view[cut:], db=self._tails)
+                    if split:
+                        txn.put(digest, view[cut:], db=self._tails)
                     counters.bytes_stored += length
                     counters.chunks_stored += 1
             txn.put(pending_key, digest or b"", db=self._map)

@@ -310,10 +310,11 @@ assert other.env.info()["map_size"] > 8 << 20
     assert read_all(small, Heads(small), "a@1", 16 << 20) == expected
 
 
-@pytest.mark.parametrize("block_size", [4096, 65536])
-def test_chunks_fill_whole_pages(tmp_path: Path, block_size: int) -> None:
-    """A chunk takes block_size / 4 KiB pages, not one more for LMDB's page header (which
-    doubled the space of 4 KiB blocks)."""
+@pytest.mark.parametrize(("block_size", "pages_per_block"),
+                         [(4096, 1), (16384, 4), (65536, 17)])
+def test_chunks_fill_whole_pages(tmp_path: Path, block_size: int, pages_per_block: int) -> None:
+    """A chunk under 64 KiB takes block_size / 4 KiB pages, not one more for LMDB's page
+    header (which doubled the space of 4 KiB blocks); larger ones stay whole."""
     size = 8 << 20
     store = Store(tmp_path / "s", create=True)
     head = Head(store, store.create_volume("vol", size, block_size))
@@ -322,8 +323,8 @@ def test_chunks_fill_whole_pages(tmp_path: Path, block_size: int) -> None:
     head.write(memoryview(data), 0)
     assert head.commit() is not None
     pages = store.env.info()["last_pgno"] - before
-    # The data, plus a few hundred bytes per chunk of keys, tails, map and tree pages.
-    bound = size + (size // block_size) * 256 + (64 << 10)
+    # The chunks' pages, plus a few hundred bytes per chunk of keys, tails, map and tree.
+    bound = (size // block_size) * (pages_per_block * 4096 + 256) + (64 << 10)
     assert pages * 4096 < bound, f"{pages} pages for {size >> 20} MiB of {block_size}-byte blocks"
     assert read_all(store, Heads(store), "vol@1", size) == data
 
