@@ -41,11 +41,10 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def split_point(length: int, page_size: int) -> int:
-    """How many data bytes of a chunk of ``length`` go in the ``chunks`` value: all of a
-    whole chunk; of a split one, as many as fill the value's LMDB pages exactly (the rest is
-    the chunk's tail: 22 bytes for a block, a power of two, with 4 KiB pages)."""
-    if length >= WHOLE_FROM:
-        return length
+    """How many data bytes of a split chunk of ``length`` go in the ``chunks`` value: as
+    many as fill the value's LMDB pages exactly (the rest is the chunk's tail: 22 bytes for
+    a block, a power of two, with 4 KiB pages). Whether a chunk is split at all is
+    :func:`encode_chunk`'s choice, written in its header."""
     return length - min(length, (HEADER_SIZE + length + LMDB_PAGE_HEADER) % page_size)
 
 

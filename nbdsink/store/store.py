@@ -492,9 +492,8 @@ class Store:
                    start: int) -> None:
         """Copy the chunk's data from ``start`` into all of ``dest``.
 
-        On the path of every NBD read, once per block: the header is checked here rather
-        than through :func:`nbdsink.store.chunks.decode_chunk`, without building views that
-        are not needed."""
+        On the path of every NBD read, once per block: the data is copied straight out of
+        LMDB's map, and the tail is looked up only when the range reaches it."""
         stored = txn.get(digest, db=self._chunks)
         if stored is None:
             raise StoreError(f"store is missing chunk {digest.hex()}")
