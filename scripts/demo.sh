@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, on the embedded default: sudo scripts/demo.sh [DEVICE]
+# The main job, on the embedded default: scripts/demo.sh [DEVICE] (as root, or it asks sudo)
 #
 #   1. installs what is missing (scripts/setup.sh),
 #   2. serves a store inside the repository (./var/store) on a unix socket (./var/nbdsink.sock),
@@ -17,9 +17,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-if [ "$(id -u)" -ne 0 ]; then
-    exec sudo "$0" "$@"
-fi
+. "$repo/scripts/as-root.sh"
+become_root "$0" "$@"
 scripts/setup.sh
 
 nbdsink() { "$repo/.venv/bin/nbdsink" "$@"; }

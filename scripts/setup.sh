@@ -8,9 +8,8 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-if [ "$(id -u)" -ne 0 ]; then
-    exec sudo --preserve-env=NBDSINK_REQUIRE_ALL,NBDSINK_STORE,CI "$0" "$@"
-fi
+. "$repo/scripts/as-root.sh"
+become_root "$0" "$@"
 
 APT_PACKAGES=(
     # the server side and the NBD tools the tests and users drive it with

@@ -4,9 +4,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-if [ "$(id -u)" -ne 0 ]; then
-    exec sudo --preserve-env=NBDSINK_REQUIRE_ALL,CI "$0" "$@"
-fi
+. "$repo/scripts/as-root.sh"
+become_root "$0" "$@"
 scripts/setup.sh
 export PATH="$repo/.venv/bin:$PATH"
 echo "== ruff" && ruff check nbdsink plugins tests bench
