@@ -171,14 +171,18 @@ class Session:
             read_into(self.store, self.volume, self.version, buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
-        self._writable_head().write(buf, offset)
+        head = self._writable_head()
+        head.write(buf, offset)
         if fua:
-            self.flush()
+            # FUA: durable when acknowledged, but no version: only a FLUSH marks a point the
+            # writer chose (an O_DSYNC database or a journal sends FUA on nearly every write).
+            head.make_durable()
 
     def zero(self, count: int, offset: int, fua: bool = False) -> None:
-        self._writable_head().zero(count, offset)
+        head = self._writable_head()
+        head.zero(count, offset)
         if fua:
-            self.flush()
+            head.make_durable()
 
     def trim(self, count: int, offset: int, fua: bool = False) -> None:
         # A trimmed range reads back as zeros, which NBD allows and which keeps it sparse.

@@ -241,6 +241,16 @@ class Head:
         """Save the unsaved writes to LMDB as part of the pending version."""
         self._save(only_if_full=False)
 
+    def make_durable(self) -> None:
+        """Make every write acknowledged so far durable as part of the pending version,
+        without committing a version (what an NBD FUA write asks for).
+
+        The writes survive a crash and power loss and are in the version the next FLUSH
+        commits (of this server process or the next one).
+        """
+        self._save(only_if_full=False)
+        self.store.sync()
+
     def _save(self, only_if_full: bool) -> None:
         with self._save_lock:
             with self._lock:

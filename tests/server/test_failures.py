@@ -111,6 +111,37 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.root
+def test_fua_write_survives_kill9_and_lands_in_the_next_version(tmp_path: Path) -> None:
+    """A FUA write is durable when acknowledged, as pending data: after kill -9 of the server
+    (a batch far larger than the write, so only FUA can have saved it) it is still there,
+    and the next FLUSH commits it, with the writes flushed before it intact."""
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--batch-size", "256M")
+    srv.create_volume("vol", SIZE, BS)
+    srv.start()
+    h = connect(srv.uri("vol"))
+    h.pwrite(b"a" * BS, 0)
+    h.flush()
+    h.pwrite(b"f" * 5000, 3 * BS + 100, nbd.CMD_FLAG_FUA)  # partial block, FUA
+    h.pwrite(b"g" * BS, 5 * BS, nbd.CMD_FLAG_FUA)
+    h.pwrite(b"n" * BS, 7 * BS)  # no FUA, no FLUSH: a crash may drop it
+    assert committed(srv) == [1]
+    srv.kill()
+    srv.start()
+    try:
+        assert committed(srv) == [1]
+        h = connect(srv.uri("vol"))
+        assert h.pread(5000, 3 * BS + 100) == b"f" * 5000
+        h.flush()
+        assert committed(srv) == [1, 2]
+        v2 = connect(srv.uri("vol@2"))
+        assert v2.pread(BS, 0) == b"a" * BS
+        assert v2.pread(5200, 3 * BS) == bytes(100) + b"f" * 5000 + bytes(100)
+        assert v2.pread(BS, 5 * BS) == b"g" * BS
+        assert connect(srv.uri("vol@1")).pread(BS, 3 * BS) == bytes(BS)
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("batch", ["64M", "256K"])
 def test_full_disk_gives_enospc_and_keeps_versions(small_fs: Path, tmp_path: Path,
                                                    batch: str) -> None:
