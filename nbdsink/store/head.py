@@ -177,13 +177,18 @@ class Head:
             else:
                 partial.append(block)
             block += 1
-        # Duplicates need no copy: look the digests up in the store first (outside the lock;
-        # chunks are never removed while a server runs, so the answer stays true).
+        # Duplicates need no copy. A digest counts as stored only when it is durable in the
+        # store (committed; chunks are never removed while a server runs). A digest that an
+        # unsaved batch holds is *not* stored yet: that batch may be saved without it (its
+        # block was overwritten) or fail, so the block takes a reference to the same encoded
+        # chunk, and its own batch stores it (LMDB's overwrite=False makes a second put free).
         known = self._known_chunks([d for _, d, _ in whole if d is not None])
         staged: list[tuple[int, bytes | None, bytearray | None]] = []
         for block, digest, piece in whole:
-            if digest is None or digest in known:
-                staged.append((block, digest, None))
+            if digest is None:
+                staged.append((block, None, None))
+            elif digest in known:
+                staged.append((block, digest, known[digest]))
             else:
                 assert piece is not None
                 staged.append((block, digest, encode_chunk(piece, pad_to=bs)))
@@ -202,14 +207,24 @@ class Head:
         digest = chunk_digest(view)
         return None if digest == self._zero_digest else digest
 
-    def _known_chunks(self, digests: list[bytes]) -> set[bytes]:
+    def _known_chunks(self, digests: list[bytes]) -> dict[bytes, bytearray | None]:
+        """Digests that need no new encoding: None where the store holds the chunk durably,
+        the encoded chunk where only an unsaved batch holds it."""
         if not digests:
-            return set()
-        overlays = self._overlays()
-        known = {d for d in digests if any(d in b.chunks for b in overlays)}
+            return {}
+        with self._lock:
+            overlays = self._overlays()
+        known: dict[bytes, bytearray | None] = {}
+        for d in digests:
+            for b in overlays:
+                chunk = b.chunks.get(d)
+                if chunk is not None:
+                    known[d] = chunk
+                    break
         rest = [d for d in digests if d not in known]
         if rest:
-            known.update(self.store.read(lambda txn: {d for d in rest if self.store.has_chunk(txn, d)}))
+            stored = self.store.read(lambda txn: [d for d in rest if self.store.has_chunk(txn, d)])
+            known.update(dict.fromkeys(stored))
         return known
 
     def _modified_block(self, block: int, offset: int, end: int, data: memoryview | None

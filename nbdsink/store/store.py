@@ -563,7 +563,14 @@ class Store:
                     txn.delete(pending_key, db=self._map)
                     counters.blocks_changed -= 1
                 continue
-            if digest is not None and chunk is not None:
+            if digest is not None and chunk is None:
+                # The writer took the chunk as stored. Check it, in this transaction: a map
+                # entry without its chunk would be a version that can never be read back.
+                if txn.get(digest, db=self._chunks) is None:
+                    raise StoreError(
+                        f"refusing to record block {block} of {volume.name!r}: chunk "
+                        f"{digest.hex()} was taken as stored but the store does not hold it")
+            elif digest is not None and chunk is not None:
                 length = len(chunk) - HEADER_SIZE
                 split = chunk[0] == FORMAT_SPLIT
                 cut = HEADER_SIZE + (split_point(length, self._page_size) if split else length)
