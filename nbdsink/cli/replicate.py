@@ -129,11 +129,9 @@ def status_report(state_dir: StateDir) -> dict[str, Any]:
     report["pending_bytes"] = sum(n for _, n in state.pending)
     report["frozen_left_behind"] = state_dir.frozen_mountpoint() if pid is None else None
     try:
-        tracker = open_tracker(state.device, state.tracker)
+        tracker = open_tracker(state.device, state.tracker, consumer=None)
         report["tracker_status"] = tracker.status().to_json()
-        close = getattr(tracker, "close", None)
-        if close is not None:
-            close()
+        tracker.close()
     except (TrackerError, OSError) as exc:
         report["tracker_status"] = None
         report["tracker_error"] = str(exc)

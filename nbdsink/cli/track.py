@@ -9,7 +9,9 @@ from typing import Any
 
 from nbdsink.errors import UsageError
 from nbdsink.tracker import registry, scan
-from nbdsink.tracker.base import Tracker, TrackerError
+from nbdsink.tracker.base import Tracker, TrackerError, TrackerStatus
+from nbdsink.tracker.consumers import DEFAULT_CONSUMER, consumer_records, drop_consumer
+from nbdsink.tracker.scan import ScanTracker
 from nbdsink.units import format_size, parse_size
 
 
@@ -42,6 +44,10 @@ def register(sub: Any) -> None:
     c.add_argument("device")
     c.add_argument("--json", action="store_true",
                    help='print {"generation": K, "chunk_size": N, "extents": [[offset, length], ...]}')
+    c.add_argument("--consumer", metavar="NAME", default=DEFAULT_CONSUMER,
+                   help="whose acknowledgements count (default %(default)s); each consumer of "
+                        "a device (a sender uses its state directory) gets everything since "
+                        "its own last acknowledgement")
     c.set_defaults(func=cmd_checkpoint)
 
     a = tsub.add_parser("ack", help="forget the chunks of generations up to GENERATION",
@@ -49,7 +55,16 @@ def register(sub: Any) -> None:
                                     "forget what those generations reported.")
     a.add_argument("device")
     a.add_argument("generation", type=int)
+    a.add_argument("--consumer", metavar="NAME", default=DEFAULT_CONSUMER,
+                   help="the consumer acknowledging (default %(default)s)")
     a.set_defaults(func=cmd_ack)
+
+    f = tsub.add_parser("forget", help="unregister a consumer of a device's tracking",
+                        description="Unregister CONSUMER (for example the state directory of a "
+                                    "replication that was removed), so it holds nothing back.")
+    f.add_argument("device")
+    f.add_argument("consumer")
+    f.set_defaults(func=cmd_forget)
 
     st = tsub.add_parser("status", help="every tracked device")
     st.add_argument("--json", action="store_true", help="one JSON list")
@@ -78,7 +93,11 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    dirty = registry.open_tracker(args.device).checkpoint()
+    tracker = registry.open_tracker(args.device, consumer=args.consumer)
+    try:
+        dirty = tracker.checkpoint()
+    finally:
+        tracker.close()
     if args.json:
         print(json.dumps(dirty.to_json()))
         return 0
@@ -90,25 +109,45 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
-    registry.open_tracker(args.device).acknowledge(args.generation)
+    tracker = registry.open_tracker(args.device, consumer=args.consumer)
+    try:
+        tracker.acknowledge(args.generation)
+    finally:
+        tracker.close()
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    tracker = registry.open_tracker(args.device, consumer=None)
+    try:
+        if not isinstance(tracker, ScanTracker) and args.consumer not in consumer_records(tracker):
+            raise TrackerError(f"{args.device} has no consumer {args.consumer!r}")
+        if isinstance(tracker, ScanTracker):
+            raise TrackerError("a scan tracking has one consumer: stop it instead")
+        drop_consumer(tracker, args.consumer)
+    finally:
+        tracker.close()
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    statuses = [t.status() for t in registry.tracked()]
+    rows: list[tuple[TrackerStatus, dict[str, dict[str, int]]]] = []
+    for t in registry.tracked():
+        rows.append((t.status(), consumer_records(t)))
+        t.close()
     if args.json:
-        print(json.dumps([s.to_json() for s in statuses]))
+        print(json.dumps([{**st.to_json(), "consumers": c} for st, c in rows]))
         return 0
-    if not statuses:
+    if not rows:
         print("no device is tracked")
         return 0
-    print(f"{'DEVICE':<20} {'BACKEND':<8} {'CHUNK':>10} {'GENERATION':>10} {'DIRTY':>12}")
-    for s in statuses:
-        print(f"{s.device:<20} {s.backend:<8} {format_size(s.chunk_size):>10} "
-              f"{s.generation:>10} {format_size(s.dirty_bytes):>12}")
+    print(f"{'DEVICE':<20} {'BACKEND':<8} {'CHUNK':>10} {'GENERATION':>10} {'DIRTY':>12}  CONSUMERS")
+    for st, c in rows:
+        print(f"{st.device:<20} {st.backend:<8} {format_size(st.chunk_size):>10} "
+              f"{st.generation:>10} {format_size(st.dirty_bytes):>12}  {', '.join(c) or '-'}")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    registry.open_tracker(args.device).stop()
+    registry.stop_tracking(args.device)
     return 0

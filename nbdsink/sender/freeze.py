@@ -120,6 +120,49 @@ def _unescape(field: str) -> str:
     )
 
 
+FREEZE_LOCK_DIR = "/run/nbdsink/freeze"
+
+
+class FreezeLock:
+    """One freeze of a filesystem at a time among nbdsink senders.
+
+    Two replications of one device (two backup targets) both freeze its filesystem; a second
+    FIFREEZE while the first holds it fails with EBUSY. Each sender takes this lock (an
+    ``flock`` on a file named after the filesystem's device, outside any filesystem that gets
+    frozen) from just before freezing until after thawing, so they take turns. The kernel
+    drops the lock of a sender that dies, so nobody waits for a dead one.
+    """
+
+    def __init__(self, mountpoint: str) -> None:
+        major, minor = mount_source(mountpoint)
+        self.path = os.path.join(FREEZE_LOCK_DIR, f"{major}:{minor}.lock")
+        self._fd: int | None = None
+
+    async def acquire(self) -> None:
+        os.makedirs(FREEZE_LOCK_DIR, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        waited = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log.info("waiting for another sender's freeze of the same filesystem")
+                        waited = True
+                    await trio.sleep(0.01)  # polled, so a cancellation is never stuck here
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 class FsFreezer:
     """The real :class:`~nbdsink.sender.cycle.Freezer`: hooks, the marker file, the ioctls."""
 
@@ -138,6 +181,7 @@ class FsFreezer:
         self.post_hook = post_hook
         self.hook_timeout = hook_timeout
         self._env = {"NBDSINK_MOUNTPOINT": mountpoint}
+        self._lock = FreezeLock(mountpoint)
 
     async def sync(self) -> None:
         await trio.to_thread.run_sync(sync, self.mountpoint)
@@ -145,9 +189,15 @@ class FsFreezer:
     async def before(self) -> None:
         if self.pre_hook:
             await run_hook(self.pre_hook, phase="pre", timeout=self.hook_timeout, env=self._env)
-        # Recorded before freezing (and outside the freeze window: it fsyncs the state
-        # directory), so that a sender killed while frozen leaves a trace the next start reads.
-        self.state_dir.mark_frozen(self.mountpoint)
+        await self._lock.acquire()
+        try:
+            # Recorded before freezing (and outside the freeze window: it fsyncs the state
+            # directory), so that a sender killed while frozen leaves a trace the next start
+            # reads.
+            self.state_dir.mark_frozen(self.mountpoint)
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def freeze(self) -> None:
         await trio.to_thread.run_sync(freeze, self.mountpoint)
@@ -157,6 +207,9 @@ class FsFreezer:
 
     async def after(self) -> None:
         # Thawed (or never frozen, if freeze() failed): the marker can go.
-        self.state_dir.clear_frozen()
+        try:
+            self.state_dir.clear_frozen()
+        finally:
+            self._lock.release()
         if self.post_hook:
             await run_hook(self.post_hook, phase="post", timeout=self.hook_timeout, env=self._env)

@@ -33,7 +33,8 @@ from nbdsink.sender.state import CycleRecord, SenderState, StateDir
 from nbdsink.sender.transfer import Transfer, TransferConfig
 from nbdsink.sender.units import format_duration, format_size
 from nbdsink.tracker import Tracker, TrackingLost, open_tracker, start_tracker
-from nbdsink.tracker.base import TrackerError
+from nbdsink.tracker.base import AlreadyTracked, TrackerError, TrackerInUse
+from nbdsink.tracker.consumers import ConsumerLost, ConsumerTracker
 from nbdsink.tracker.registry import default_backend
 
 log = logging.getLogger("nbdsink.sender")
@@ -131,16 +132,26 @@ class Replicator:
         """Attach to (or start) the device's tracker; True if a full sync is needed."""
         device, cs = self.options.device, state.chunk_size
         backend = self.options.tracker or state.tracker
+        consumer = self.consumer
         try:
-            tracker = await trio.to_thread.run_sync(open_tracker, device, backend)
+            tracker = await trio.to_thread.run_sync(open_tracker, device, backend, consumer)
+        except TrackerInUse:
+            raise
         except TrackerError:
             tracker = None
         if tracker is not None:
             if tracker.chunk_size != cs:
+                tracker.close()
                 raise StateError(
                     f"{device} is tracked in chunks of {tracker.chunk_size}, the volume's block "
                     f"size is {cs}: stop that tracker first (nbdsink track stop {device})"
                 )
+            if isinstance(tracker, ConsumerTracker) and tracker.fresh:
+                # Another replication of this device was already using the tracking: it
+                # holds nothing from before this replication joined.
+                log.info("joined the tracking of %s that another replication uses: "
+                         "resynchronising by comparison", device)
+                return tracker, True
             latest = await remote.latest_version()
             if state.synced and (latest or 0) < (state.last_version or 0):
                 log.warning(
@@ -159,7 +170,11 @@ class Replicator:
 
             tracker = await trio.to_thread.run_sync(start_scan, device, cs, reference)
             return tracker, False
-        tracker = await trio.to_thread.run_sync(start_tracker, device, cs, backend)
+        try:
+            tracker = await trio.to_thread.run_sync(start_tracker, device, cs, backend, consumer)
+        except AlreadyTracked:
+            # Another replication of this device started tracking it a moment ago: join it.
+            tracker = await trio.to_thread.run_sync(open_tracker, device, backend, consumer)
         if state.synced:
             log.warning("%s was not being tracked: resynchronising by comparison", device)
         return tracker, True
@@ -192,9 +207,25 @@ class Replicator:
                 try:
                     await self._cycles(device, remote, state, tracker, full)
                 finally:
-                    close = getattr(tracker, "close", None)
-                    if close is not None:
-                        close()
+                    tracker.close()
+
+    @property
+    def consumer(self) -> str:
+        """This replication's name as a consumer of the device's tracking: its state
+        directory, which is one per replication."""
+        return str(self.state_dir.path.resolve())
+
+    def _rejoin(self, state: SenderState) -> Tracker:
+        try:
+            return open_tracker(self.options.device, state.tracker, self.consumer)
+        except TrackerInUse:
+            raise
+        except TrackerError:
+            pass
+        try:
+            return start_tracker(self.options.device, state.chunk_size, state.tracker, self.consumer)
+        except AlreadyTracked:
+            return open_tracker(self.options.device, state.tracker, self.consumer)
 
     def _saved_backend(self) -> str | None:
         state = self.state_dir.load()
@@ -238,12 +269,21 @@ class Replicator:
             previous_capture = state.last_captured_at
             try:
                 result = await cycle.run(full=full)
+            except ConsumerLost as exc:
+                # The tracking goes on (another replication may restart it, or did): take a
+                # fresh handle on it, or start it if it is gone, and resynchronise.
+                log.warning("%s: rejoining the tracking and resynchronising", exc)
+                tracker.close()
+                tracker = await trio.to_thread.run_sync(self._rejoin, state)
+                cycle = self._make_cycle(device, remote, state, tracker)
+                full = True
+                continue
             except TrackingLost as exc:
                 log.warning("tracking of %s was lost (%s): restarting it and resynchronising",
                             opts.device, exc)
                 await trio.to_thread.run_sync(tracker.stop)
                 tracker = await trio.to_thread.run_sync(
-                    start_tracker, opts.device, state.chunk_size, state.tracker
+                    start_tracker, opts.device, state.chunk_size, state.tracker, self.consumer
                 )
                 cycle = self._make_cycle(device, remote, state, tracker)
                 full = True

@@ -24,6 +24,14 @@ class TrackerError(NbdsinkError):
     """A tracker could not start, checkpoint or stop; the message says why."""
 
 
+class AlreadyTracked(TrackerError):
+    """``start`` found the device already tracked by this backend (open it instead)."""
+
+
+class TrackerInUse(TrackerError):
+    """The device's tracking serves another consumer and cannot serve this one too."""
+
+
 class TrackingLost(TrackerError):
     """The tracker cannot vouch for what changed (unclean stop, lost state): rescan needed."""
 
@@ -78,6 +86,12 @@ class Tracker(abc.ABC):
     backend: str
     device: str
     chunk_size: int
+    device_size: int
+
+    @abc.abstractmethod
+    def tracking_id(self) -> str:
+        """What names this very tracking: it changes when the tracking is stopped and started
+        again (or lost at reboot), so that a record kept about it can tell it is void."""
 
     @abc.abstractmethod
     def checkpoint(self) -> DirtySet:
@@ -98,6 +112,9 @@ class Tracker(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop tracking and release every kernel object the tracker holds."""
+
+    def close(self) -> None:  # noqa: B027 -- most backends hold nothing per handle
+        """Release what this handle holds (the tracking itself goes on)."""
 
 
 def merge_chunks(chunks: list[int] | range, chunk_size: int, device_size: int) -> list[Extent]:

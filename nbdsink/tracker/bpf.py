@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from nbdsink.tracker import libbpf, runs
-from nbdsink.tracker.base import DirtySet, Tracker, TrackerError, TrackerStatus, TrackingLost
+from nbdsink.tracker.base import (
+    AlreadyTracked,
+    DirtySet,
+    Tracker,
+    TrackerError,
+    TrackerStatus,
+    TrackingLost,
+)
 from nbdsink.tracker.blockdev import BlockDevice, check_chunk_size, probe
 from nbdsink.tracker.statefile import locked, read_json, write_json
 
@@ -147,7 +154,7 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
         ensure_bpffs()
         if _state_file(dev.name).exists():
             if (pins / "ctl").exists() and _state_version(dev.name) == STATE_VERSION:
-                raise TrackerError(f"{device} is already tracked (pinned at {pins}); stop it first")
+                raise AlreadyTracked(f"{device} is already tracked (pinned at {pins}); stop it first")
             # The pins are gone (bpffs unmounted, removed by hand), or they belong to a
             # tracking started by another version of nbdsink, which this one cannot drive:
             # that tracking is lost, whoever used it learns so from open_bpf, and a new one
@@ -255,8 +262,9 @@ class BpfTracker(Tracker):
         self._pins = _pin_dir(name)
         self._state_path = _state_file(name)
         state = self._load_state()
-        self.device_size: int = state["size"]
+        self.device_size = int(state["size"])
         self.chunk_size = state["chunk_size"]
+        self._ctl_id = int(state["ctl_id"])
         self._geo = _Geometry.of(self.device_size, self.chunk_size)
         try:
             self._ctl = _mmap_map(str(self._pins / "ctl"), 1, _CTL_SIZE)
@@ -282,6 +290,12 @@ class BpfTracker(Tracker):
             # The pins were replaced behind our back: the state describes another tracking.
             raise TrackingLost(f"{self.device}: state {self._state_path} does not match the pins")
         return state
+
+    def tracking_id(self) -> str:
+        # Map ids are unique only within one boot: the boot id makes them unique for ever.
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"bpf:{boot}:{self._ctl_id}"
 
     def _seq(self) -> int:
         return int(struct.unpack_from("<Q", self._ctl, _CTL_SEQ)[0])

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdsink.tracker import runs
-from nbdsink.tracker.base import DirtySet, Tracker, TrackerError, TrackerStatus, TrackingLost
+from nbdsink.tracker.base import (
+    AlreadyTracked,
+    DirtySet,
+    Tracker,
+    TrackerError,
+    TrackerStatus,
+    TrackingLost,
+)
 from nbdsink.tracker.blockdev import check_chunk_size, probe
 
 BACKEND = "dm"
@@ -240,7 +247,7 @@ def start(device: str, chunk_size: int, metadata: str | None = None) -> DmTracke
     ensure_module()
     table = _table(dm.name)
     if _is_nbdsink_table(table):
-        raise TrackerError(f"{device} is already tracked by the dm backend; stop it first")
+        raise AlreadyTracked(f"{device} is already tracked by the dm backend; stop it first")
     if dm.name.endswith(ORIGIN_SUFFIX):
         raise TrackerError(f"{device} is the origin of a tracked device; track that one")
     origin = dm.name + ORIGIN_SUFFIX
@@ -322,6 +329,9 @@ class DmTracker(Tracker):
         self.chunk_size = info.chunk_size
         self.device_size = info.size
         self._epoch = info.epoch
+
+    def tracking_id(self) -> str:
+        return f"dm:{self._epoch:016x}"
 
     def _info(self) -> TargetInfo:
         try:

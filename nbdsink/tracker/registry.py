@@ -8,6 +8,11 @@ follows the same shape)::
     tracked_names() -> list[str]                         # kernel names of tracked devices
 
 Trackers outlive processes, so :func:`open_tracker` finds which backend tracks a device.
+
+Several consumers (senders to different targets) may share one device's tracking: what
+:func:`start_tracker` and :func:`open_tracker` return for a named consumer is that consumer's
+own view (:class:`nbdsink.tracker.consumers.ConsumerTracker`), which reports everything since
+*its* last acknowledgement. A ``scan`` tracking serves one consumer and refuses others.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from types import ModuleType
 
 from nbdsink.tracker.base import Tracker, TrackerError
 from nbdsink.tracker.blockdev import check_chunk_size
+from nbdsink.tracker.consumers import DEFAULT_CONSUMER, ConsumerTracker, forget_records
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +58,10 @@ def default_backend() -> str:
     return "dm"
 
 
-def start_tracker(device: str, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str | None = None) -> Tracker:
-    """Start tracking ``device`` with ``backend`` (default: :func:`default_backend`)."""
+def start_tracker(device: str, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str | None = None,
+                  consumer: str | None = DEFAULT_CONSUMER) -> Tracker:
+    """Start tracking ``device`` with ``backend`` (default: :func:`default_backend`), as seen
+    by ``consumer`` (None: the backend itself, for tools that consume nothing)."""
     check_chunk_size(chunk_size)
     backend = backend or default_backend()
     mod = _module(backend)
@@ -61,16 +69,44 @@ def start_tracker(device: str, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: st
         if other != backend and _tracks(other, device):
             raise TrackerError(f"{device} is already tracked by the {other} backend; stop it first")
     tracker: Tracker = mod.start(device, chunk_size)
-    return tracker
+    # Records of an earlier tracking of this device name another tracking: registering
+    # finds them void by themselves.
+    return for_consumer(tracker, consumer)
 
 
-def open_tracker(device: str, backend: str | None = None) -> Tracker:
-    """The existing tracker of ``device`` (any backend unless one is named)."""
+def open_tracker(device: str, backend: str | None = None,
+                 consumer: str | None = DEFAULT_CONSUMER) -> Tracker:
+    """The existing tracker of ``device`` (any backend unless one is named), as seen by
+    ``consumer`` (None: the backend itself: status, stop)."""
     for name in [backend] if backend else BACKENDS:
         if _tracks(name, device):
             tracker: Tracker = _module(name).attach(device)
-            return tracker
+            return for_consumer(tracker, consumer)
     raise TrackerError(f"{device} is not tracked (start it with: nbdsink track start {device})")
+
+
+def for_consumer(tracker: Tracker, consumer: str | None) -> Tracker:
+    """``consumer``'s view of ``tracker`` (registering it), or the tracker itself for None."""
+    if consumer is None:
+        return tracker
+    if tracker.backend == "scan":
+        from nbdsink.tracker.scan import ScanTracker
+
+        assert isinstance(tracker, ScanTracker)
+        tracker.claim(consumer)
+        return tracker
+    try:
+        return ConsumerTracker(tracker, consumer)
+    except BaseException:
+        tracker.close()
+        raise
+
+
+def stop_tracking(device: str) -> None:
+    """Stop tracking ``device``, for every consumer."""
+    tracker = open_tracker(device, consumer=None)
+    tracker.stop()
+    forget_records(tracker)
 
 
 def tracked() -> list[Tracker]:

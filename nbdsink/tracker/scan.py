@@ -28,7 +28,15 @@ from typing import Any
 import blake3
 
 from nbdsink.tracker import runs
-from nbdsink.tracker.base import DirtySet, Tracker, TrackerError, TrackerStatus, TrackingLost
+from nbdsink.tracker.base import (
+    AlreadyTracked,
+    DirtySet,
+    Tracker,
+    TrackerError,
+    TrackerInUse,
+    TrackerStatus,
+    TrackingLost,
+)
 from nbdsink.tracker.blockdev import check_chunk_size, probe
 from nbdsink.tracker.statefile import locked, read_json, write_json
 
@@ -90,7 +98,7 @@ def start_scan(device: str, chunk_size: int, reference: bytes | None = None) -> 
     nchunks = -(-dev.size // chunk_size)
     with locked(state_root() / f"{dev.name}.lock"):
         if (d / "state.json").exists():
-            raise TrackerError(f"{device} is already tracked by the scan backend; stop it first")
+            raise AlreadyTracked(f"{device} is already tracked by the scan backend; stop it first")
         if reference is None:
             reference = device_digests(device, chunk_size, dev.size)
         if len(reference) != nchunks * DIGEST_SIZE:
@@ -107,6 +115,7 @@ def start_scan(device: str, chunk_size: int, reference: bytes | None = None) -> 
         write_json(d / "state.json", {
             "version": STATE_VERSION, "device": device, "name": dev.name, "size": dev.size,
             "chunk_size": chunk_size, "last_closed": 0, "acked": 0, "pending": [],
+            "started": os.urandom(8).hex(), "consumer": None,
         })
     return ScanTracker(device, dev.name)
 
@@ -138,7 +147,8 @@ class ScanTracker(Tracker):
         self._dir = _dir(name)
         state = self._load()
         self.chunk_size = state["chunk_size"]
-        self.device_size: int = state["size"]
+        self.device_size = int(state["size"])
+        self._started = str(state.get("started", ""))
         self._nchunks = -(-self.device_size // self.chunk_size)
         # generation -> chunk -> digest of what the sender pushed for that generation.
         self._sent: dict[int, dict[int, bytes]] = {}
@@ -150,6 +160,24 @@ class ScanTracker(Tracker):
         if (self._dir / "reference").stat().st_size % DIGEST_SIZE:
             raise TrackingLost(f"{self._dir}/reference is damaged")
         return state
+
+    def tracking_id(self) -> str:
+        return f"scan:{self.name}:{self._started}"
+
+    def claim(self, consumer: str) -> None:
+        """Make ``consumer`` this tracking's only consumer, or refuse: a reference describes
+        what one replica holds, so a scan tracking serves one replication."""
+        with locked(state_root() / f"{self.name}.lock"):
+            state = self._load()
+            owner = state.get("consumer")
+            if owner is None:
+                state["consumer"] = consumer
+                write_json(self._dir / "state.json", state)
+            elif owner != consumer:
+                raise TrackerInUse(
+                    f"{self.device} is tracked by the scan backend for another replication "
+                    f"({owner}); a scan reference describes one replica. Replicate one device "
+                    "to several targets with the bpf or dm backend")
 
     def reference(self) -> bytes:
         """The current reference digests (one per chunk)."""

@@ -28,6 +28,7 @@ class FileTracker(Tracker):
         self.device = path
         self.chunk_size = chunk_size
         self.size = os.path.getsize(path)
+        self.device_size = self.size
         self.generation = 1
         self.acked = 0
         self.dirty: dict[int, set[int]] = {1: set()}
@@ -47,6 +48,9 @@ class FileTracker(Tracker):
             os.close(fd)
         first, last = offset // self.chunk_size, (offset + len(data) - 1) // self.chunk_size
         self.dirty[self.generation].update(range(first, last + 1))
+
+    def tracking_id(self) -> str:
+        return f"test:{id(self)}"
 
     def checkpoint(self) -> DirtySet:
         with self.lock:

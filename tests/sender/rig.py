@@ -125,7 +125,7 @@ def stop_tracker(device: str) -> None:
     from nbdsink.tracker import TrackerError, open_tracker
 
     with contextlib.suppress(TrackerError):
-        open_tracker(device).stop()
+        open_tracker(device, consumer=None).stop()
 
 
 @contextlib.contextmanager

@@ -408,7 +408,7 @@ def ack(d):
             note(d.generation, off, buf[:n])
         os.close(fd)
     t.acknowledge(d.generation)
-t = start_tracker(device, chunk_size, backend)
+t = start_tracker(device, chunk_size, backend, consumer=None)   # the backend itself
 write(1); write(2)
 ack(t.checkpoint())                                  # chunks 1, 2: sent and acknowledged
 write(5); write(6)

@@ -48,6 +48,9 @@ class _Meddling(Tracker):
     def acknowledge(self, generation: int) -> None:
         self.real.acknowledge(generation)
 
+    def tracking_id(self) -> str:
+        return self.real.tracking_id()
+
     def status(self) -> TrackerStatus:
         return self.real.status()
 

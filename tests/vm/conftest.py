@@ -268,7 +268,13 @@ def attach(srv: ServerProcess, dev: str, export: str, attached: list[str]) -> No
     attached.append(dev)
 
 
-def detach(dev: str, attached: list[str]) -> None:
+def detach(dev: str, attached: list[str], *, commit: bool = True) -> None:
+    """Disconnect ``dev``; with ``commit`` (a writable head), FLUSH first, as a user must for
+    the final state to become a version: the last writes of an unmount are FUA writes (ext4's
+    superblock), durable but no version, and ``nbd-client -d`` sends no FLUSH."""
+    if commit:
+        # coreutils sync on a device fsyncs it: the kernel sends the device a FLUSH.
+        subprocess.run(["sync", dev], capture_output=True, check=True)
     subprocess.run(["nbd-client", "-d", dev], capture_output=True, check=True)
     attached.remove(dev)
 

@@ -97,7 +97,7 @@ def test_attach_committed_versions_read_only(
         assert bytes(buf) == before, "the historic version changed"
     finally:
         os.close(fd)
-    detach("/dev/nbd1", nbd_devices)
+    detach("/dev/nbd1", nbd_devices, commit=False)
     assert latest(server) == version_b, "a write attempt on a version made a new version"
 
     # vol@latest: the files of B.
@@ -110,7 +110,7 @@ def test_attach_committed_versions_read_only(
         assert len(files_b["c.bin"]) == MIB
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
-    detach("/dev/nbd2", nbd_devices)
+    detach("/dev/nbd2", nbd_devices, commit=False)
 
     info = subprocess.run(["nbdinfo", server.uri(f"vol@{version_a}")], capture_output=True, text=True)
     assert info.returncode == 0, "the server must still answer after the refused write"

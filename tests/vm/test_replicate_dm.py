@@ -73,6 +73,6 @@ def test_replicate_through_the_dm_tracker(
         assert tree(dst) == expected
     finally:
         subprocess.run(["umount", str(dst)], check=True)
-    detach("/dev/nbd3", nbd_devices)
+    detach("/dev/nbd3", nbd_devices, commit=False)
     dm.attach(dev).stop()
     assert not kernel_problems()
