@@ -30,7 +30,19 @@
  *    range is remembered at queue time in a hash table keyed by the bio; if that table was full
  *    and the completed bio's own range is gone, the whole device is marked dirty (over-report,
  *    never lose).
+ *  - tp_btf/block_rq_issue (request-based only): marks the same chunks at issue, in a second
+ *    pair of bitmaps ("qbits"), from another context than the completion (the task or worker
+ *    that dispatches, not the completion's interrupt).
  * The loader attaches only the hooks matching the device type.
+ *
+ * Detecting what was not seen. The kernel has been measured running a tracepoint's other
+ * probes while skipping these programs, without moving any counter we can read. So the
+ * request-based hooks also count sectors: "done_sects" at completion and "issued_sects" at
+ * issue, for the requests the kernel's own I/O accounting attributes to the tracked device
+ * (/sys/class/block/<dev>/stat, updated right after block_rq_complete, on the same path). At
+ * each checkpoint the loader compares: a shortfall of done_sects means a completion went
+ * unseen, and is answered with the chunks issued in the recent generations (qbits), or with
+ * the whole device when issued_sects fell short too.
  *
  * Every hook is attached twice (programs *_a and *_b). The kernel skips a tracing program
  * that is already running on the CPU (recursion protection), so a completion interrupting
@@ -72,6 +84,11 @@ const volatile struct nbdsink_cfg cfg = {};
 #define NBDSINK_HOOK_RQ 0
 #define NBDSINK_HOOK_BIO_QUEUE 1
 #define NBDSINK_HOOK_BIO_COMPLETE 2
+#define NBDSINK_HOOK_RQ_ISSUE 3
+
+/* Which pair of bitmaps a mark goes to. */
+#define NBDSINK_DONE 0
+#define NBDSINK_ISSUED 1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -97,6 +114,15 @@ struct {
 	__type(value, __u64);
 } bits SEC(".maps");
 
+/* The same layout as "bits", marked at issue time (request-based devices). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 2); /* resized by the loader to 2 * cfg.words */
+	__type(key, __u32);
+	__type(value, __u64);
+} qbits SEC(".maps");
+
 struct bio_range {
 	__u64 sector;
 	__u64 nr_sects;
@@ -113,10 +139,15 @@ struct {
 /* One word of the bitmap, nothing else: the loader finds the set bits by scanning the bitmap
  * (memory the size of the device / chunk size / 8, scanned at C speed), so no summary or other
  * index needs maintaining here. */
-static __always_inline void set_word(__u32 base, __u64 w, __u64 mask)
+static __always_inline void set_word(__u32 which, __u32 base, __u64 w, __u64 mask)
 {
 	__u32 key = base + (__u32)w;
-	__u64 *p = bpf_map_lookup_elem(&bits, &key);
+	__u64 *p;
+
+	if (which == NBDSINK_ISSUED)
+		p = bpf_map_lookup_elem(&qbits, &key);
+	else
+		p = bpf_map_lookup_elem(&bits, &key);
 
 	/* Hot chunks are written over and over: when their bits are already set, a plain read
 	 * keeps the cache line shared. */
@@ -134,7 +165,7 @@ static __always_inline __u64 word_mask(__u64 w, __u64 c0, __u64 c1)
 
 struct loop_ctx {
 	__u32 base;
-	__u32 pad;
+	__u32 which;
 	__u64 c0;
 	__u64 c1;
 };
@@ -144,13 +175,14 @@ static long mark_word_cb(__u32 i, void *data)
 	struct loop_ctx *lc = data;
 	__u64 w = (lc->c0 >> 6) + i;
 
-	set_word(lc->base, w, word_mask(w, lc->c0, lc->c1));
+	set_word(lc->which, lc->base, w, word_mask(w, lc->c0, lc->c1));
 	return 0;
 }
 
-/* Mark sectors [sector, sector + nr) of the disk in the open generation. A global function:
- * the verifier checks it once, not once per call site (the discard walk calls it in a loop). */
-__noinline int mark(__u64 sector, __u64 nr)
+/* Mark sectors [sector, sector + nr) of the disk in the open generation of the bitmaps
+ * ``which`` selects. A global function: the verifier checks it once, not once per call site
+ * (the discard walk calls it in a loop). */
+__noinline int mark(__u64 sector, __u64 nr, __u32 which)
 {
 	__u64 start = cfg.start_sect, end = cfg.start_sect + cfg.nr_sects;
 	__u64 s = sector, e = sector + nr;
@@ -178,26 +210,28 @@ __noinline int mark(__u64 sector, __u64 nr)
 		return 0;
 	idx = *(volatile __u64 *)&c->seq & 1;
 	lc.base = (__u32)(idx * cfg.words);
-	lc.pad = 0;
+	lc.which = which;
 	nwords = (lc.c1 >> 6) - (lc.c0 >> 6) + 1;
 	if (nwords == 1) {
-		set_word(lc.base, lc.c0 >> 6, word_mask(lc.c0 >> 6, lc.c0, lc.c1));
+		set_word(which, lc.base, lc.c0 >> 6, word_mask(lc.c0 >> 6, lc.c0, lc.c1));
 	} else if (nwords <= NBDSINK_MAX_LOOP) {
 		bpf_loop((__u32)nwords, mark_word_cb, &lc, 0);
 	} else {
 		/* A single request larger than bpf_loop can walk: everything is dirty. */
+		__u64 *flag = which == NBDSINK_ISSUED ? c->qoverflow : c->overflow;
+
 		if (idx == 0)
-			__sync_fetch_and_or(&c->overflow[0], 1);
+			__sync_fetch_and_or(&flag[0], 1);
 		else
-			__sync_fetch_and_or(&c->overflow[1], 1);
+			__sync_fetch_and_or(&flag[1], 1);
 	}
 	__sync_fetch_and_sub(&pc->active, 1);
 	return 0;
 }
 
-static __always_inline void mark_all(void)
+static __always_inline void mark_all(__u32 which)
 {
-	mark(cfg.start_sect, cfg.nr_sects);
+	mark(cfg.start_sect, cfg.nr_sects, which);
 }
 
 static __always_inline bool is_ours(struct gendisk *disk)
@@ -220,6 +254,8 @@ static __always_inline bool changes_data(__u32 opf)
 struct walk_ctx {
 	__u64 bio;  /* struct bio *, as an integer: read with BPF_CORE_READ */
 	__u64 left; /* sectors still to account for */
+	__u32 which;
+	__u32 pad;
 };
 
 static long walk_bio_cb(__u32 i, void *data)
@@ -233,33 +269,54 @@ static long walk_bio_cb(__u32 i, void *data)
 	n = BPF_CORE_READ(bio, bi_iter.bi_size) >> 9;
 	if (n > wc->left)
 		n = wc->left;
-	mark(BPF_CORE_READ(bio, bi_iter.bi_sector), n);
+	mark(BPF_CORE_READ(bio, bi_iter.bi_sector), n, wc->which);
 	wc->left -= n;
 	wc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
 	return 0;
 }
 
-static __always_inline void mark_discard(struct request *rq, __u64 nr_sects)
+static __always_inline void mark_discard(struct request *rq, __u64 nr_sects, __u32 which)
 {
-	struct walk_ctx wc = { .bio = (__u64)rq->bio, .left = nr_sects };
+	struct walk_ctx wc = { .bio = (__u64)rq->bio, .left = nr_sects, .which = which };
 
 	bpf_loop(NBDSINK_MAX_DISCARD_BIOS, walk_bio_cb, &wc, 0);
 	if (wc.left)
-		mark_all();
+		mark_all(which);
 }
 
-static __always_inline void on_rq(struct request *rq, unsigned int nr_bytes)
+/* Count what the kernel's I/O accounting counts for the tracked device: the sectors of the
+ * requests that start inside it (a request belongs to one partition). */
+static __always_inline void count(struct request *rq, unsigned int nr_bytes, __u32 which)
+{
+	__u32 zero = 0;
+	struct nbdsink_pcpu *pc;
+	__u64 s = rq->__sector;
+
+	if (s < cfg.start_sect || s >= cfg.start_sect + cfg.nr_sects)
+		return;
+	pc = bpf_map_lookup_elem(&pcpu, &zero);
+	if (!pc)
+		return;
+	/* Atomic: a completion interrupting another on this CPU adds too. */
+	if (which == NBDSINK_ISSUED)
+		__sync_fetch_and_add(&pc->issued_sects, (__u64)nr_bytes >> 9);
+	else
+		__sync_fetch_and_add(&pc->done_sects, (__u64)nr_bytes >> 9);
+}
+
+static __always_inline void on_rq(struct request *rq, unsigned int nr_bytes, __u32 which)
 {
 	__u32 op;
 	__u64 nr = ((__u64)nr_bytes + 511) >> 9;
 
 	if (!is_ours(rq->q->disk) || !changes_data(rq->cmd_flags))
 		return;
+	count(rq, nr_bytes, which);
 	op = rq->cmd_flags & NBDSINK_REQ_OP_MASK;
 	if ((op == REQ_OP_DISCARD || op == REQ_OP_SECURE_ERASE) && rq->bio)
-		mark_discard(rq, nr);
+		mark_discard(rq, nr, which);
 	else
-		mark(rq->__sector, nr);
+		mark(rq->__sector, nr, which);
 }
 
 /* Copy a: claim the event on this CPU, before anything else (see the top of the file). */
@@ -288,7 +345,7 @@ SEC("tp_btf/block_rq_complete")
 int BPF_PROG(on_rq_complete_a, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
 	claim(NBDSINK_HOOK_RQ, rq);
-	on_rq(rq, nr_bytes);
+	on_rq(rq, nr_bytes, NBDSINK_DONE);
 	return 0;
 }
 
@@ -296,7 +353,23 @@ SEC("tp_btf/block_rq_complete")
 int BPF_PROG(on_rq_complete_b, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
 	if (!claimed(NBDSINK_HOOK_RQ, rq))
-		on_rq(rq, nr_bytes);
+		on_rq(rq, nr_bytes, NBDSINK_DONE);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(on_rq_issue_a, struct request *rq)
+{
+	claim(NBDSINK_HOOK_RQ_ISSUE, rq);
+	on_rq(rq, rq->__data_len, NBDSINK_ISSUED);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(on_rq_issue_b, struct request *rq)
+{
+	if (!claimed(NBDSINK_HOOK_RQ_ISSUE, rq))
+		on_rq(rq, rq->__data_len, NBDSINK_ISSUED);
 	return 0;
 }
 
@@ -346,7 +419,7 @@ static __always_inline void on_bio_c(struct bio *bio)
 	__u32 size;
 
 	if (r) {
-		mark(r->sector, r->nr_sects);
+		mark(r->sector, r->nr_sects, NBDSINK_DONE);
 		bpf_map_delete_elem(&inflight, &key);
 	}
 	if (!is_ours(bio->bi_bdev->bd_disk) || !changes_data(bio->bi_opf))
@@ -355,10 +428,10 @@ static __always_inline void on_bio_c(struct bio *bio)
 	if (!r && size == 0 && !(bio->bi_opf & NBDSINK_REQ_PREFLUSH)) {
 		/* Queued before tracking started or while the table was full, and already
 		 * advanced by the driver: its range is unknown. */
-		mark_all();
+		mark_all(NBDSINK_DONE);
 	}
 	if (size)
-		mark(bio->bi_iter.bi_sector, ((__u64)size + 511) >> 9);
+		mark(bio->bi_iter.bi_sector, ((__u64)size + 511) >> 9, NBDSINK_DONE);
 }
 
 SEC("tp_btf/block_bio_complete")

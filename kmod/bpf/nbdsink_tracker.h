@@ -17,12 +17,15 @@ struct nbdsink_ctl {
 	__u64 seq;          /* number of the open generation; its bitmap is seq & 1 */
 	__u64 overflow[2];  /* per bitmap: a range could not be marked precisely -> all dirty */
 	__u64 bio_lost;     /* in-flight bio table was full (diagnostic) */
+	__u64 qoverflow[2]; /* the same, for the issue-time bitmaps ("qbits") */
 };
 
 /* The one entry of the per-CPU "pcpu" map. */
 struct nbdsink_pcpu {
 	__u64 active;       /* runs on this CPU between reading seq and their last mark */
-	__u64 last[3];      /* per hook: the event copy a took on this CPU (see the program) */
+	__u64 last[4];      /* per hook: the event copy a took on this CPU (see the program) */
+	__u64 done_sects;   /* sectors of data-changing requests seen completing (request-based) */
+	__u64 issued_sects; /* sectors of data-changing requests seen issued (request-based) */
 };
 
 #endif

@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
                         "point-in-time consistent")
     p.add_argument("--pre-hook", metavar="CMD", help="shell command run before each freeze")
     p.add_argument("--post-hook", metavar="CMD", help="shell command run after each thaw")
+    p.add_argument("--frozen-hook", metavar="CMD",
+                   help="shell command run while the filesystem is frozen, once the sender "
+                        "has read what the version needs (for example a storage snapshot "
+                        "of the same instant); it must not write to the frozen filesystem, "
+                        "its time is not counted in --max-freeze, and NBDSINK_FROZEN_AT holds "
+                        "the version's frozen_at label")
     p.add_argument("--hook-timeout", type=parse_duration, default=60.0, metavar="DURATION",
                    help="longest a hook may run (default 60s)")
     p.add_argument("--max-freeze", type=parse_duration, default=2.0, metavar="DURATION",
@@ -72,14 +78,16 @@ def register(sub: Any) -> None:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    if (args.pre_hook or args.post_hook) and not args.freeze:
+    if (args.pre_hook or args.post_hook or args.frozen_hook) and not args.freeze:
         from nbdsink.errors import UsageError
 
-        raise UsageError("--pre-hook and --post-hook run around a freeze: give --freeze too")
+        raise UsageError("--pre-hook, --post-hook and --frozen-hook run around a freeze: "
+                         "give --freeze too")
     options = ReplicateOptions(
         device=args.device, uri=args.uri, state_dir=args.state, once=args.once,
         interval=args.interval, freeze=args.freeze, pre_hook=args.pre_hook,
-        post_hook=args.post_hook, hook_timeout=args.hook_timeout, tracker=args.tracker,
+        post_hook=args.post_hook, frozen_hook=args.frozen_hook, hook_timeout=args.hook_timeout,
+        tracker=args.tracker,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
     )
     trio.run(replicate, options)

@@ -72,6 +72,11 @@ class Freezer(Protocol):
 
     async def freeze(self) -> None: ...
 
+    async def while_frozen(self, frozen_at: str) -> None:
+        """Run the frozen hook, if any: the device is quiescent and what the version needs
+        has been read (``frozen_at`` is the version's label)."""
+        ...
+
     async def thaw(self) -> None: ...
 
     async def after(self) -> None: ...
@@ -355,6 +360,8 @@ class Cycle:
                     if ops is None:
                         # Overran: learn from it so the next estimate is more careful.
                         self.read_rate = min(self.read_rate, nbytes / budget / 2)
+                if ops is not None:
+                    await freezer.while_frozen(iso(frozen_at))
             finally:
                 # Shielded: the filesystem must be thawed even if this task is cancelled.
                 with trio.CancelScope(shield=True):

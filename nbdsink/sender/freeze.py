@@ -173,12 +173,14 @@ class FsFreezer:
         *,
         pre_hook: str | None = None,
         post_hook: str | None = None,
+        frozen_hook: str | None = None,
         hook_timeout: float = 60.0,
     ) -> None:
         self.mountpoint = mountpoint
         self.state_dir = state_dir
         self.pre_hook = pre_hook
         self.post_hook = post_hook
+        self.frozen_hook = frozen_hook
         self.hook_timeout = hook_timeout
         self._env = {"NBDSINK_MOUNTPOINT": mountpoint}
         self._lock = FreezeLock(mountpoint)
@@ -201,6 +203,11 @@ class FsFreezer:
 
     async def freeze(self) -> None:
         await trio.to_thread.run_sync(freeze, self.mountpoint)
+
+    async def while_frozen(self, frozen_at: str) -> None:
+        if self.frozen_hook:
+            await run_hook(self.frozen_hook, phase="frozen", timeout=self.hook_timeout,
+                           env={**self._env, "NBDSINK_FROZEN_AT": frozen_at})
 
     async def thaw(self) -> None:
         await trio.to_thread.run_sync(thaw, self.mountpoint)

@@ -62,6 +62,7 @@ class ReplicateOptions:
     freeze: str | None = None
     pre_hook: str | None = None
     post_hook: str | None = None
+    frozen_hook: str | None = None
     hook_timeout: float = 60.0
     tracker: str | None = None
     rate: int = 0
@@ -239,7 +240,7 @@ class Replicator:
         if opts.freeze:
             freezer = freezing.FsFreezer(
                 opts.freeze, self.state_dir, pre_hook=opts.pre_hook, post_hook=opts.post_hook,
-                hook_timeout=opts.hook_timeout,
+                frozen_hook=opts.frozen_hook, hook_timeout=opts.hook_timeout,
             )
         cs = state.chunk_size
         config = TransferConfig(

@@ -69,6 +69,9 @@ class TrackerStatus:
     chunk_size: int
     generation: int
     dirty_bytes: int
+    unseen_sectors: int = 0
+    """Written sectors the kernel accounted that the tracker did not see itself (answered by
+    over-reporting; non-zero means the kernel skipped the tracker: see kmod/bpf)."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -77,6 +80,7 @@ class TrackerStatus:
             "chunk_size": self.chunk_size,
             "generation": self.generation,
             "dirty_bytes": self.dirty_bytes,
+            "unseen_sectors": self.unseen_sectors,
         }
 
 

@@ -23,6 +23,7 @@ stale bits, which only over-report.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbdsink.tracker import libbpf, runs
+from nbdsink.tracker import iostat, libbpf, runs
 from nbdsink.tracker.base import (
     AlreadyTracked,
     DirtySet,
@@ -45,6 +46,8 @@ from nbdsink.tracker.base import (
 from nbdsink.tracker.blockdev import BlockDevice, check_chunk_size, probe
 from nbdsink.tracker.statefile import locked, read_json, write_json
 
+log = logging.getLogger(__name__)
+
 BACKEND = "bpf"
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
 PIN_ROOT = Path("/sys/fs/bpf/nbdsink")
@@ -53,13 +56,20 @@ REPO_BPF_DIR = Path(__file__).resolve().parents[2] / "kmod" / "bpf"
 OBJECT_NAME = "nbdsink_tracker.bpf.o"
 # 2: per-CPU "active" counters (pin "pcpu"); only the b copies' misses count; no summary
 # bitmaps (pin "summ").
-STATE_VERSION = 2
+# 3: issue-time bitmaps (pin "qbits") and sector counters, audited against the kernel's I/O
+# accounting at every checkpoint.
+STATE_VERSION = 3
 
 # struct nbdsink_cfg, struct nbdsink_ctl and struct nbdsink_pcpu of kmod/bpf/nbdsink_tracker.h.
 _CFG = struct.Struct("<IIQQII")
-_CTL_SEQ, _CTL_OVERFLOW = 0, 8
-_CTL_SIZE = 32
-_PCPU_SIZE = 32  # u64 active, u64 last[3]
+_CTL_SEQ, _CTL_OVERFLOW, _CTL_QOVERFLOW = 0, 8, 32
+_CTL_SIZE = 48
+_PCPU_SIZE = 56  # u64 active, u64 last[4], u64 done_sects, u64 issued_sects
+_PCPU_DONE, _PCPU_ISSUED = 40, 48
+_DONE, _ISSUED = "bits", "qbits"
+QUEUED_KEEP_SECONDS = 120.0
+"""How long the chunks issued in a generation stay on hand to answer a completion found
+missing later (a request can be in flight for a while: the SCSI timeout is 30 s)."""
 _WAIT_TIMEOUT = 10.0
 _FULL = (1 << 64) - 1
 _NONZERO = re.compile(rb"[^\x00]+")
@@ -164,13 +174,20 @@ def start_bpf(device: str, chunk_size: int, btf: str | None = None) -> BpfTracke
         # is written last, so nobody ever relied on them.
         _remove_pins(pins)
         geo = _Geometry.of(dev.size, chunk_size)
+        kernel_base = 0
+        if dev.request_based:
+            if not iostat.iostats_enabled(dev.name):
+                iostat.enable_iostats(dev.name)
+            # Read before attaching: a write completing in between then looks unseen (an
+            # over-report), never seen-but-unaccounted (which could hide a later miss).
+            kernel_base = iostat.written_sectors(dev.name)
         obj = libbpf.BpfObject(str(object_path()), None if btf == DEFAULT_BTF else btf)
         try:
             pins.mkdir(parents=True)
             _load_and_pin(obj, dev, geo, pins)
             with libbpf.opened(str(pins / "ctl")) as fd:
                 ctl_id = libbpf.obj_id(fd)
-            write_json(_state_file(dev.name), _new_state(dev, geo, ctl_id))
+            write_json(_state_file(dev.name), _new_state(dev, geo, ctl_id, kernel_base))
         except BaseException:
             obj.close()
             _remove_pins(pins)
@@ -186,16 +203,18 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
                   geo.words)
     )
     obj.set_max_entries("bits", 2 * geo.words)
+    obj.set_max_entries("qbits", 2 * geo.words)
     # Request-based devices complete requests, bio-based ones only bios: attach what fires.
-    # Each hook has two copies (see the program's comment); queue hooks go first so that
-    # completions find their bio's range.
-    hooks = ["on_rq_complete"] if dev.request_based else ["on_bio_queue", "on_bio_complete"]
+    # Each hook has two copies (see the program's comment); queue and issue hooks go first so
+    # that completions find their bio's range and every completion's issue was marked.
+    hooks = (["on_rq_issue", "on_rq_complete"] if dev.request_based
+             else ["on_bio_queue", "on_bio_complete"])
     progs = [f"{h}_{copy}" for h in hooks for copy in "ab"]
-    for h in ("on_rq_complete", "on_bio_queue", "on_bio_complete"):
+    for h in ("on_rq_issue", "on_rq_complete", "on_bio_queue", "on_bio_complete"):
         for copy in "ab":
             obj.set_autoload(f"{h}_{copy}", f"{h}_{copy}" in progs)
     obj.load()
-    for m in ("ctl", "pcpu", "bits", "inflight"):
+    for m in ("ctl", "pcpu", "bits", "qbits", "inflight"):
         obj.pin_map(m, str(pins / m))
     obj.pin_program("flip", str(pins / "flip"))
     for p in progs:
@@ -205,7 +224,7 @@ def _load_and_pin(obj: libbpf.BpfObject, dev: BlockDevice, geo: _Geometry, pins:
         obj.attach_and_pin(p, str(pins / f"link_{p}"))
 
 
-def _new_state(dev: BlockDevice, geo: _Geometry, ctl_id: int) -> dict[str, Any]:
+def _new_state(dev: BlockDevice, geo: _Geometry, ctl_id: int, kernel_base: int) -> dict[str, Any]:
     return {
         "version": STATE_VERSION,
         "device": dev.path,
@@ -217,6 +236,14 @@ def _new_state(dev: BlockDevice, geo: _Geometry, ctl_id: int) -> dict[str, Any]:
         "acked": 0,
         "pending": [],
         "misses": 0,
+        # The audit against the kernel's accounting (request-based devices only).
+        "audited": dev.request_based,
+        "kernel_base": kernel_base,
+        "answered_done": 0,
+        "answered_issued": 0,
+        "queued": [],          # [generation, closed at (epoch s), runs] of recent generations
+        "unseen_sectors": 0,   # completions the programs did not see, in total (diagnostic)
+        "unseen_events": 0,    # checkpoints that found some
     }
 
 
@@ -269,6 +296,7 @@ class BpfTracker(Tracker):
         try:
             self._ctl = _mmap_map(str(self._pins / "ctl"), 1, _CTL_SIZE)
             self._bits = _mmap_map(str(self._pins / "bits"), 2 * self._geo.words, 8)
+            self._qbits = _mmap_map(str(self._pins / "qbits"), 2 * self._geo.words, 8)
         except TrackerError as exc:
             raise TrackingLost(f"{device}: pinned tracker is incomplete ({exc})") from None
 
@@ -302,7 +330,10 @@ class BpfTracker(Tracker):
 
     # -- bitmaps --------------------------------------------------------------------------
 
-    def _read_bitmap(self, idx: int) -> list[runs.Run]:
+    def _maps(self, which: str) -> tuple[mmap.mmap, int]:
+        return (self._bits, _CTL_OVERFLOW) if which == _DONE else (self._qbits, _CTL_QOVERFLOW)
+
+    def _read_bitmap(self, idx: int, which: str = _DONE) -> list[runs.Run]:
         """Runs marked in bitmap ``idx`` (the whole device if its overflow flag is set).
 
         The whole bitmap is scanned, with a regular expression over its bytes: C speed, so
@@ -310,7 +341,8 @@ class BpfTracker(Tracker):
         no index of its non-zero words to keep right.
         """
         n = self._geo.words
-        with memoryview(self._bits) as raw:
+        bits, overflow = self._maps(which)
+        with memoryview(bits) as raw:
             data = raw[idx * n * 8 : (idx + 1) * n * 8].tobytes()
         pairs: list[tuple[int, int]] = []
         for m in _NONZERO.finditer(data):
@@ -318,15 +350,60 @@ class BpfTracker(Tracker):
                 if not pairs or pairs[-1][0] != w:  # two matches may share a word
                     pairs.append((w, int.from_bytes(data[w * 8 : w * 8 + 8], "little")))
         found = runs.from_bitmap_words(pairs)
-        if struct.unpack_from("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx)[0] != 0:
+        if struct.unpack_from("<Q", self._ctl, overflow + 8 * idx)[0] != 0:
             found = [(0, self._geo.chunks)]
         return [(f, min(c, self._geo.chunks - f)) for f, c in found if f < self._geo.chunks]
 
-    def _clear_bitmap(self, idx: int) -> None:
+    def _clear_bitmap(self, idx: int, which: str = _DONE) -> None:
         n = self._geo.words
-        with memoryview(self._bits) as raw:
+        bits, overflow = self._maps(which)
+        with memoryview(bits) as raw:
             raw[idx * n * 8 : (idx + 1) * n * 8] = bytes(n * 8)
-        struct.pack_into("<Q", self._ctl, _CTL_OVERFLOW + 8 * idx, 0)
+        struct.pack_into("<Q", self._ctl, overflow + 8 * idx, 0)
+
+    def _program_sectors(self) -> tuple[int, int]:
+        """(completed, issued) sectors the programs counted, summed over the CPUs."""
+        with libbpf.opened(str(self._pins / "pcpu")) as fd:
+            values = libbpf.percpu_values(fd, 0, _PCPU_SIZE)
+        done = sum(struct.unpack_from("<Q", v, _PCPU_DONE)[0] for v in values)
+        issued = sum(struct.unpack_from("<Q", v, _PCPU_ISSUED)[0] for v in values)
+        return int(done), int(issued)
+
+    def _audit(self, state: dict[str, Any], gen: int, queued: list[runs.Run]) -> list[runs.Run]:
+        """Compare with the kernel's accounting; what must be reported beyond the bitmap.
+
+        Returns nothing when the programs saw every completed sector; the chunks issued in
+        the recent generations when some completion went unseen; the whole device when the
+        issue-time marks fell short too, or the kernel's accounting was turned off.
+        """
+        now = time.time()
+        keep = [q for q in state["queued"] if now - q[1] <= QUEUED_KEEP_SECONDS]
+        keep = keep if len(keep) >= 2 else state["queued"][-2:]
+        state["queued"] = [*keep, [gen, now, [list(r) for r in queued]]]
+        if not iostat.iostats_enabled(self.name):
+            iostat.enable_iostats(self.name)
+            log.warning("%s: the kernel's I/O accounting was off, so what the tracker saw "
+                        "cannot be checked: reporting the whole device once", self.device)
+            state["kernel_base"] = iostat.written_sectors(self.name) - self._program_sectors()[0]
+            return [(0, self._geo.chunks)]
+        # The kernel's total first, the programs' second (see nbdsink.tracker.iostat).
+        kernel = iostat.written_sectors(self.name) - state["kernel_base"]
+        done, issued = self._program_sectors()
+        result = iostat.audit(kernel, done, issued, state["answered_done"], state["answered_issued"])
+        state["answered_done"] = result.answered_done
+        state["answered_issued"] = result.answered_issued
+        if not result.unseen_done:
+            return []
+        state["unseen_sectors"] += result.unseen_done
+        state["unseen_events"] += 1
+        if result.unseen_issued:
+            log.warning("%s: %d written sectors completed unseen by the tracker, and their "
+                        "issue too: reporting the whole device", self.device, result.unseen_done)
+            return [(0, self._geo.chunks)]
+        log.warning("%s: %d written sectors completed unseen by the tracker: reporting every "
+                    "chunk issued in the last %d generations", self.device, result.unseen_done,
+                    len(state["queued"]))
+        return runs.union(*[[(f, n) for f, n in q[2]] for q in state["queued"]])
 
     def _flip_and_wait(self) -> None:
         with libbpf.opened(str(self._pins / "flip")) as fd:
@@ -365,6 +442,9 @@ class BpfTracker(Tracker):
         clear it."""
         idx = (gen - 1) & 1
         found = runs.union(self._read_bitmap(idx), extra or [])
+        if state.get("audited"):
+            queued = self._read_bitmap(idx, _ISSUED)
+            found = runs.union(found, self._audit(state, gen, queued))
         misses = self._misses()
         if misses != state["misses"]:
             # The kernel skipped a run of a b copy (completions nested two deep on one CPU,
@@ -377,6 +457,7 @@ class BpfTracker(Tracker):
         state["last_closed"] = gen
         write_json(self._state_path, state)
         self._clear_bitmap(idx)
+        self._clear_bitmap(idx, _ISSUED)
 
     # -- Tracker --------------------------------------------------------------------------
 
@@ -398,6 +479,7 @@ class BpfTracker(Tracker):
             spare = (seq + 1) & 1
             stale = self._read_bitmap(spare)
             self._clear_bitmap(spare)
+            self._clear_bitmap(spare, _ISSUED)
             self._flip_and_wait()
             gen = seq + 1
             self._close_generation(state, gen, stale)
@@ -432,6 +514,7 @@ class BpfTracker(Tracker):
             chunk_size=self.chunk_size,
             generation=self._seq() + 1,
             dirty_bytes=sum(n for _, n in dirty),
+            unseen_sectors=int(state.get("unseen_sectors", 0)),
         )
 
     def stop(self) -> None:
@@ -443,7 +526,7 @@ class BpfTracker(Tracker):
 
     def close(self) -> None:
         """Release this handle's mappings (tracking continues)."""
-        for m in (self._ctl, self._bits):
+        for m in (self._ctl, self._bits, self._qbits):
             if not m.closed:
                 m.close()
 

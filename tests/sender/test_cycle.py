@@ -125,6 +125,9 @@ class GateFreezer:
         self.open = trio.Event()
         self.snapshots.append(Path(self.path).read_bytes())
 
+    async def while_frozen(self, frozen_at: str) -> None:
+        self.calls.append("frozen")
+
     async def thaw(self) -> None:
         self.calls.append("thaw")
         self.open.set()

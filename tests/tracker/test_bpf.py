@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from nbdsink.tracker import bpf
 from nbdsink.tracker.base import Tracker, TrackerError, TrackingLost
+from tracker import bpf_faults
 from tracker import conformance as conf
 
 pytestmark = pytest.mark.root
@@ -234,3 +236,72 @@ def test_tracking_of_another_version_is_lost_and_replaced(make_loop: Callable[..
     with pytest.raises(TrackingLost, match="another version"):
         bpf.open_bpf(loop)
     assert_fresh_start_tracks(loop, chunk=4)
+
+
+def _skip_hooks(tracker: bpf.BpfTracker, hooks: list[str], probe_chunk: int) -> list[Path]:
+    """Detach ``hooks`` (see :func:`tracker.bpf_faults.detach`) and wait until writes to
+    ``probe_chunk`` show that the completion programs stopped counting (a link is released
+    from a workqueue a moment after its pin goes)."""
+    links = bpf_faults.detach(tracker.name, hooks)
+    deadline = time.monotonic() + 10
+    while True:
+        before = tracker._program_sectors()[0]
+        _write_chunks(tracker.device, [probe_chunk])
+        if tracker._program_sectors()[0] == before:
+            return links
+        assert time.monotonic() < deadline, "the programs stayed attached"
+        time.sleep(0.01)
+
+
+_reattach = bpf_faults.reattach
+
+
+def _write_chunks(device: str, chunks: list[int]) -> None:
+    fd = os.open(device, os.O_RDWR | os.O_DIRECT)
+    try:
+        for c in chunks:
+            conf.write_direct(fd, c * CS, os.urandom(8192))
+    finally:
+        os.close(fd)
+
+
+def test_completions_the_programs_never_saw_are_reported(make_loop: Callable[..., str]) -> None:
+    """The kernel skips the completion programs for some writes without a trace in their
+    counters: the checkpoint finds the shortfall against the kernel's I/O accounting and
+    reports the chunks issued meanwhile, so nothing is under-reported."""
+    loop = make_loop(64 * MiB)
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        _write_chunks(loop, [1])
+        first = tracker.checkpoint()
+        assert conf.reported_chunks(first) == {1}
+        tracker.acknowledge(first.generation)
+        links = _skip_hooks(tracker, ["on_rq_complete"], probe_chunk=5)
+        _write_chunks(loop, [5, 6, 300])
+        _reattach(links)
+        _write_chunks(loop, [9])
+        got = conf.reported_chunks(tracker.checkpoint())
+        assert {5, 6, 9, 300} <= got, f"reported {sorted(got)}"
+        assert len(got) < 64, "answered with the issued chunks, not the whole device"
+        state = json.loads((bpf.STATE_DIR / f"{tracker.name}.json").read_text())
+        assert state["unseen_sectors"] >= 3 * 16 and state["unseen_events"] == 1
+        # Answered once: the next generation is exact again.
+        tracker.acknowledge(tracker.checkpoint().generation)
+        _write_chunks(loop, [12])
+        assert conf.reported_chunks(tracker.checkpoint()) == {12}
+    finally:
+        tracker.stop()
+
+
+def test_unseen_at_issue_and_completion_reports_the_whole_device(make_loop: Callable[..., str]) -> None:
+    loop = make_loop(64 * MiB)
+    tracker = bpf.start_bpf(loop, CS)
+    try:
+        tracker.acknowledge(tracker.checkpoint().generation)
+        links = _skip_hooks(tracker, ["on_rq_issue", "on_rq_complete"], probe_chunk=7)
+        _write_chunks(loop, [7])
+        _reattach(links)
+        got = conf.reported_chunks(tracker.checkpoint())
+        assert got == set(range(64 * MiB // CS))
+    finally:
+        tracker.stop()
