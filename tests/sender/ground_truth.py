@@ -85,11 +85,11 @@ def run_ground_truth(tmp: Path, seconds: float, *, inject: bool, size: int = 256
                      chunk_size: int = 64 << 10, interval: str = "1s") -> Outcome:
     """The experiment (root): returns what was compared and every mismatched chunk."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from sender.helpers import loop_device, make_image, mkfs, mounted
-    from sender.rig import Sender, Server, nbdsink, stop_tracker
     from tracker.bpf_faults import SkipInjector
 
     from nbdsink.tracker import bpf
+    from sender.helpers import loop_device, make_image, mkfs, mounted
+    from sender.rig import Sender, Server, nbdsink, stop_tracker
 
     outcome = Outcome()
     truth = tmp / "truth"
