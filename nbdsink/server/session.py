@@ -14,7 +14,7 @@ import time
 from nbdsink.errors import NbdsinkError
 from nbdsink.server.exports import ExportName, parse_export_name
 from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
-from nbdsink.store.head import DEFAULT_BATCH_BYTES, Head, block_is_data, read_into
+from nbdsink.store.head import DEFAULT_BATCH_BYTES, MAX_BATCH_AGE, Head, block_is_data, read_into
 
 MAX_REQUEST = 32 << 20
 """Largest request advertised: the Linux nbd driver and qemu-nbd both stop at 32 MiB."""
@@ -69,7 +69,8 @@ class Heads:
                 head.save()
 
     def save_idle(self, idle_seconds: float) -> None:
-        """Save the batches of heads nobody wrote to for ``idle_seconds``.
+        """Save the batches of heads nobody wrote to for ``idle_seconds``, and those whose
+        oldest write is MAX_BATCH_AGE old.
 
         Run periodically, this bounds what a hard stop can drop to the writes of the last
         moments before it, even when a client stays connected without flushing.
@@ -78,7 +79,8 @@ class Heads:
         with self._lock:
             heads = list(self._heads.values())
         for head in heads:
-            if head.unsaved and now - head.last_write >= idle_seconds:
+            if head.unsaved and (now - head.last_write >= idle_seconds
+                                 or head.unsaved_age >= MAX_BATCH_AGE):
                 head.save()
 
     def run_idle_saver(self, stop: threading.Event, idle_seconds: float = 1.0) -> None:

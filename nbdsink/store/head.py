@@ -24,9 +24,19 @@ import lmdb
 
 from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
-from nbdsink.store.store import MAX_BLOCK_SIZE, PendingCounters, Store, VersionInfo, VolumeInfo
+from nbdsink.store.store import (
+    MAX_BLOCK_SIZE,
+    PendingCounters,
+    Reading,
+    Store,
+    VersionInfo,
+    VolumeInfo,
+)
 
 DEFAULT_BATCH_BYTES = 64 << 20
+MAX_BATCH_AGE = 10.0
+"""Seconds an unsaved batch may wait before it is saved even while writes go on. This bounds
+how long a writer relies on a chunk it took as stored (see GARBAGE_GRACE_SECONDS)."""
 
 _ZEROS = memoryview(bytes(MAX_BLOCK_SIZE))
 
@@ -42,12 +52,15 @@ class Batch:
     blocks: dict[int, bytes | None] = field(default_factory=dict)
     chunks: dict[bytes, bytearray] = field(default_factory=dict)
     nbytes: int = 0
+    since: float = 0.0
+    """When the oldest write of the batch arrived (monotonic), 0 while empty."""
 
     def absorb(self, newer: Batch) -> None:
         """Fold a newer batch into this one (used to put back a batch whose save failed)."""
         self.blocks.update(newer.blocks)
         self.chunks.update(newer.chunks)
         self.nbytes += newer.nbytes
+        self.since = min([t for t in (self.since, newer.since) if t], default=0.0)
 
 
 def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, offset: int,
@@ -61,8 +74,8 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
     first = offset // bs
     count = (offset + length - 1) // bs - first + 1
 
-    def fill(txn: lmdb.Transaction) -> None:
-        digests = store.block_digests(txn, volume, version, first, count)
+    def fill(r: Reading) -> None:
+        digests = store.block_digests(r, volume, version, first, count)
         pos = 0  # where the current block's bytes go in buf
         for i, digest in enumerate(digests):
             block = first + i
@@ -77,7 +90,7 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
             elif chunk is not None:
                 buf[pos : pos + n] = memoryview(chunk)[HEADER_SIZE + lo : HEADER_SIZE + hi]
             else:
-                store.copy_chunk(txn, digest, buf[pos : pos + n], lo)
+                store.copy_chunk(r, digest, buf[pos : pos + n], lo)
             pos += n
 
     store.read(fill)
@@ -86,8 +99,8 @@ def read_into(store: Store, volume: VolumeInfo, version: int, buf: memoryview, o
 def block_is_data(store: Store, volume: VolumeInfo, version: int, first: int, count: int,
                   overlays: Sequence[Batch] = ()) -> list[bool]:
     """For blocks first..first+count-1: True where the block holds data, False where zero."""
-    def scan(txn: lmdb.Transaction) -> list[bool]:
-        digests = store.block_digests(txn, volume, version, first, count)
+    def scan(r: Reading) -> list[bool]:
+        digests = store.block_digests(r, volume, version, first, count)
         if not overlays:
             return [digest is not None for digest in digests]
         return [_overlay_lookup(overlays, first + i, digest)[0] is not None
@@ -136,6 +149,12 @@ class Head:
     @property
     def unsaved(self) -> bool:
         return bool(self._filling.blocks)
+
+    @property
+    def unsaved_age(self) -> float:
+        """Seconds since the oldest unsaved write (0 when nothing is unsaved)."""
+        since = self._filling.since
+        return time.monotonic() - since if since and self._filling.blocks else 0.0
 
     def _overlays(self) -> list[Batch]:
         return [self._filling] if self._saving is None else [self._filling, self._saving]
@@ -223,7 +242,7 @@ class Head:
                     break
         rest = [d for d in digests if d not in known]
         if rest:
-            stored = self.store.read(lambda txn: [d for d in rest if self.store.has_chunk(txn, d)])
+            stored = self.store.read(lambda r: [d for d in rest if self.store.has_chunk(r, d)])
             known.update(dict.fromkeys(stored))
         return known
 
@@ -246,6 +265,8 @@ class Head:
     def _stage(self, staged: list[tuple[int, bytes | None, bytearray | None]]) -> None:
         self.last_write = time.monotonic()
         batch = self._filling
+        if not batch.since:
+            batch.since = self.last_write
         for block, digest, chunk in staged:
             batch.blocks[block] = digest
             if chunk is not None and digest is not None and digest not in batch.chunks:
@@ -288,19 +309,22 @@ class Head:
                      then: Callable[[lmdb.Transaction, PendingCounters], VersionInfo | None]
                      ) -> tuple[PendingCounters, VersionInfo | None]:
         """Save ``batch`` (and run ``then`` in the same transaction). On failure the batch is
-        put back in front of the newer writes, and nothing in LMDB changed."""
+        put back in front of the newer writes, and nothing any version shows changed.
+
+        Two steps: the chunks the batch's blocks point to go to a segment and are made
+        durable first; then one main transaction indexes them and records the blocks."""
         def save_in(txn: lmdb.Transaction) -> tuple[PendingCounters, VersionInfo | None]:
             # A copy: if the transaction aborts, the counters stay as they were.
             counters = PendingCounters(**self._counters.__dict__)
-            chunks = batch.chunks
-            self.store.stage_blocks(
-                txn, self.volume, counters,
-                ((block, digest, None if digest is None else chunks.get(digest))
-                 for block, digest in sorted(batch.blocks.items())))
+            self.store.stage_blocks(txn, self.volume, counters, sorted(batch.blocks.items()),
+                                    located)
             self.store.put_pending_counters(txn, self.volume, counters)
             return counters, then(txn, counters)
 
         try:
+            referenced = {d for d in batch.blocks.values() if d is not None}
+            located = self.store.save_chunks(
+                {d: c for d, c in batch.chunks.items() if d in referenced})
             return self.store.write(save_in)
         except BaseException:
             with self._lock:

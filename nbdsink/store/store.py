@@ -1,24 +1,40 @@
-"""The LMDB store: volumes, versions, the block map and the chunks.
+"""The LMDB store: volumes, versions, the block map, the chunk index, and chunk data.
 
-One LMDB environment per store directory, with named sub-databases:
+The **main environment** (``data.mdb`` in the store directory) is the index and the record,
+with named sub-databases (keys in :mod:`nbdsink.store.keys`):
 
-- ``meta``:     b"format" -> JSON header (format version); b"next_volume_id" -> counter
-- ``volumes``:  name -> JSON {id, size, block_size, created, parent}
+- ``meta``:     b"format" -> JSON header; b"next_volume_id", b"next_segment" -> counters
+- ``volumes``:  name -> JSON {id, size, block_size, created, parent, base, retention}
 - ``versions``: (volume id, version) -> JSON record of a committed version
 - ``map``:      (volume id, block, ~version) -> 32-byte digest, or b"" for an all-zero block
-- ``chunks``:   digest -> header + data up to the split point (see :mod:`nbdsink.store.chunks`)
-- ``chunk_tails``: digest -> the rest of the chunk's data (a few bytes)
+- ``index``:    digest -> segment u32 | length u32 | xxh3-64 of the data u64 | flags u8
+- ``seg_chunks``: (segment u32, digest) -> b"": what each segment holds that the index uses
+- ``segments``: segment u32 -> JSON {state: active|sealed|retired, live: bytes indexed there}
+- ``refs``:     digest -> u64 number of map entries (of any version, pending ones included)
+- ``garbage``:  digest -> time (f64) its references fell to zero
+- ``pins``:     (volume id, version) -> JSON {note, time}
 - ``pending``:  volume id -> JSON counters of the pending (uncommitted) version
+- ``chunks``, ``chunk_tails``: chunk data of a format-2 store, read in place as segment 0
+  until compaction moves them out
 
-Reading block b of version V is one ``set_range``: the newest map entry for b at or below V.
-Writing a version costs O(blocks changed). The pending version P = latest + 1 lives in the same
-map; no committed version can see it because every committed version is < P, and the version
-record that makes P visible is written in the same transaction as its last blocks.
+Chunk **data** live in segment environments (:mod:`nbdsink.store.segments`). A batch is saved
+in two steps: its new chunks are written to the active segment and made durable, and only
+then does one transaction of the main environment index them and record the blocks (and, at
+a FLUSH, the version). A crash in between leaves unindexed bytes in the segment, which
+compaction drops; it never leaves an index entry without its data.
 
-Durability: the environment commits with MDB_NOMETASYNC (data pages are fsynced at every
+Reading block b of version V is one ``set_range``: the newest map entry for b at or below V,
+then the index, then the segment. Every chunk read is checked against the xxh3 checksum its
+index entry keeps: a damaged chunk is EIO, never wrong data. Writing a version costs
+O(blocks changed). The pending version P = latest + 1 lives in the same map; no committed
+version can see it because every committed version is < P, and the version record that
+makes P visible is written in the same transaction as its last blocks.
+
+Durability: environments commit with MDB_NOMETASYNC (data pages are fsynced at every
 commit, the meta page is not), which keeps the database intact across a system crash at the
 cost of possibly losing the last transaction; :meth:`Store.sync` forces the meta page out, and a
-commit of a version always ends with it, so an acknowledged FLUSH is durable.
+commit of a version always ends with it, so an acknowledged FLUSH is durable. A segment's
+chunks are synced fully before the main transaction that indexes them.
 
 Transactions run concurrently (readers never wait for the writer), but growing the map
 (``set_mapsize``) requires that no transaction of this process is open: every transaction
@@ -32,19 +48,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+import xxhash
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_point
+from nbdsink.store.chunks import HEADER_SIZE
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -53,17 +71,41 @@ from nbdsink.store.errors import (
     UnknownVolume,
     VolumeExists,
 )
+from nbdsink.store.segments import (
+    DEFAULT_SEGMENT_BYTES,
+    FULL_MARGIN,
+    SegmentGone,
+    SegmentReader,
+    SegmentSet,
+    copy_stored,
+    disk_free,
+)
 from nbdsink.store.writeback import WritebackKicker
 
-STORE_FORMAT = 2
-"""Format 2 stores chunks smaller than 64 KiB split in two (see :mod:`nbdsink.store.chunks`).
-A format 1 store is upgraded when it is opened: its chunks stay readable as they are."""
-READABLE_FORMATS = (1, 2)
+STORE_FORMAT = 3
+"""Format 3 keeps chunk data in segment environments, indexed with a checksum, and counts
+references. Format 1 and 2 stores are upgraded when opened: their chunks are indexed where
+they are (segment 0) and moved out by compaction."""
+READABLE_FORMATS = (1, 2, 3)
 DEFAULT_MAP_SIZE = 1 << 30
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 4 << 20
 MAX_VOLUME_NAME = 200
+MAX_VOLUME_SIZE = 1 << 60
+"""Largest volume: 2^60 bytes (1 EiB), far below what keys and NBD's u64 sizes allow."""
 _VOLUME_NAME_FORBIDDEN = set("@/;\0")
+GARBAGE_GRACE_SECONDS = 120.0
+"""A chunk without references is deleted only after this long. A writer that took it as
+stored (dedup) looked it up while it was referenced, and saves within MAX_BATCH_AGE of that:
+by then its own reference revived the chunk, and the sweep, which re-checks, spares it."""
+
+_INDEX = struct.Struct(">IIQB")
+FLAG_DAMAGED = 1
+"""The chunk failed its check: reads give EIO until the same content is written again."""
+FLAG_NO_CHECKSUM = 2
+"""A chunk of a format-2 store, indexed at the upgrade without reading it."""
+_REF = struct.Struct(">Q")
+_TIME = struct.Struct(">d")
 
 T = TypeVar("T")
 
@@ -71,6 +113,33 @@ T = TypeVar("T")
 def utc_iso(ts: float) -> str:
     """ISO-8601 UTC with microseconds and a Z, e.g. 2026-11-23T10:00:00.123456Z."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The check every read of a chunk's data passes (xxh3-64: a few percent of a read)."""
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+class ChunkDamaged(StoreError):
+    """A chunk's data fail their check: the reader gets EIO, never the wrong bytes."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a chunk's data are: segment, data length, checksum, flags."""
+
+    segment: int
+    length: int
+    check: int
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        return _INDEX.pack(self.segment, self.length, self.check, self.flags)
+
+    @classmethod
+    def decode(cls, raw: bytes | memoryview) -> Location:
+        segment, length, check, flags = _INDEX.unpack(raw)
+        return cls(segment, length, check, flags)
 
 
 @dataclass(frozen=True)
@@ -83,6 +152,10 @@ class VolumeInfo:
     block_size: int
     created: float
     parent: str | None = None
+    base: int | None = None
+    """For a clone: the version of ``parent`` its version 1 is."""
+    retention: dict[str, Any] | None = None
+    """The retention policy (see :mod:`nbdsink.store.retention`), None to keep everything."""
 
     @property
     def blocks(self) -> int:
@@ -95,6 +168,8 @@ class VolumeInfo:
             "block_size": self.block_size,
             "created": utc_iso(self.created),
             "parent": self.parent,
+            "base": self.base,
+            "retention": self.retention,
         }
 
 
@@ -111,6 +186,8 @@ class VersionInfo:
     chunks_stored: int
     consistency: str = "none"
     labels: dict[str, str] = field(default_factory=dict)
+    pinned: str | None = None
+    """The pin's note ("" without one), or None when the version is not pinned."""
 
     @property
     def time(self) -> str:
@@ -127,6 +204,8 @@ class VersionInfo:
             "chunks_stored": self.chunks_stored,
             "consistency": self.consistency,
             "labels": dict(self.labels),
+            "pinned": self.pinned is not None,
+            "pin_note": self.pinned,
         }
 
 
@@ -160,6 +239,15 @@ def validate_block_size(block_size: int) -> None:
         raise StoreError(
             f"block size {block_size} must be a power of two from 4K to 4M"
         )
+
+
+class Reading:
+    """One consistent read of the store: a main-environment transaction, plus the segment
+    transactions the chunks it reads need. Handed to the function given to :meth:`Store.read`."""
+
+    def __init__(self, txn: lmdb.Transaction, segments: SegmentReader) -> None:
+        self.txn = txn
+        self.segments = segments
 
 
 class _ResizeGuard:
@@ -214,10 +302,13 @@ class Store:
     """An open store directory. Thread-safe; one per process and directory."""
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
-                 map_size: int = DEFAULT_MAP_SIZE) -> None:
+                 map_size: int = DEFAULT_MAP_SIZE,
+                 segment_bytes: int | None = None) -> None:
         self.path = Path(path)
         self._guard = _ResizeGuard()
         self._write_lock = threading.Lock()
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreFormatError(f"{self.path} is a file, not a store directory")
         exists = (self.path / "data.mdb").exists()
         if not exists and not create:
             raise StoreFormatError(
@@ -226,31 +317,41 @@ class Store:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(self.path), map_size=map_size, max_dbs=8, subdir=True,
+                str(self.path), map_size=map_size, max_dbs=16, subdir=True,
                 metasync=False, sync=True, max_readers=512,
             )
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
         self._meta = self.env.open_db(b"meta")
         self._volumes = self.env.open_db(b"volumes")
         self._versions = self.env.open_db(b"versions")
         self._map = self.env.open_db(b"map")
-        self._chunks = self.env.open_db(b"chunks")
+        self._chunks = self.env.open_db(b"chunks")  # format-2 data: segment 0
         self._tails = self.env.open_db(b"chunk_tails")
-        self._page_size = int(self.env.stat()["psize"])
         self._pending = self.env.open_db(b"pending")
+        self._index = self.env.open_db(b"index")
+        self._seg_chunks = self.env.open_db(b"seg_chunks")
+        self._segments_db = self.env.open_db(b"segments")
+        self._refs = self.env.open_db(b"refs")
+        self._garbage = self.env.open_db(b"garbage")
+        self._pins = self.env.open_db(b"pins")
+        self._page_size = int(self.env.stat()["psize"])
         self._writeback = WritebackKicker(self.path / "data.mdb")
-        self._check_format(create)
+        self.segments = SegmentSet(self.path)
+        self._check_format(create, segment_bytes)
+        self.segments.segment_bytes = self._segment_bytes()
+        self._forget_retired_files()
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def _check_format(self, create: bool) -> None:
+    def _check_format(self, create: bool, segment_bytes: int | None) -> None:
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._meta)
             if raw is None:
                 if txn.stat(self._volumes)["entries"] or not create:
                     raise StoreFormatError(f"{self.path} holds an LMDB file without an nbdsink header")
-                header = {"format": STORE_FORMAT, "created": utc_iso(time.time())}
+                header = {"format": STORE_FORMAT, "created": utc_iso(time.time()),
+                          "segment_bytes": segment_bytes or DEFAULT_SEGMENT_BYTES}
                 txn.put(b"format", json.dumps(header).encode(), db=self._meta)
                 return
             try:
@@ -263,14 +364,102 @@ class Store:
                     f"store at {self.path} has format {fmt}; this nbdsink reads formats "
                     f"{', '.join(map(str, READABLE_FORMATS))}"
                 )
-            if fmt != STORE_FORMAT:
-                # From now on chunks are written split: an older nbdsink must refuse the store.
-                header.update(format=STORE_FORMAT, upgraded=utc_iso(time.time()))
-                txn.put(b"format", json.dumps(header).encode(), db=self._meta)
+        if fmt != STORE_FORMAT:
+            self._upgrade(header, segment_bytes)
+        elif segment_bytes and segment_bytes != header.get("segment_bytes"):
+            def put(txn: lmdb.Transaction) -> None:
+                txn.put(b"format", json.dumps({**header, "segment_bytes": segment_bytes}).encode(),
+                        db=self._meta)
+            self._write_txn(put)
+
+    def _segment_bytes(self) -> int:
+        raw = self.read(lambda r: _bytes(r.txn.get(b"format", db=self._meta)))
+        header = json.loads(raw) if raw else {}
+        return int(header.get("segment_bytes") or DEFAULT_SEGMENT_BYTES)
+
+    def _upgrade(self, header: dict[str, Any], segment_bytes: int | None) -> None:
+        """Format 1/2 -> 3: index the chunks where they are (segment 0, without a checksum:
+        reading them all would take as long as copying), count references from the map.
+        Safe to interrupt: it starts over (the index puts are idempotent, the counts are
+        rebuilt) until the header says format 3."""
+        batch = 20000
+
+        def index_from(after: bytes | None) -> bytes | None:
+            def step(txn: lmdb.Transaction) -> bytes | None:
+                cur = txn.cursor(db=self._chunks)
+                found = cur.set_range(after + b"\0") if after is not None else cur.first()
+                last = None
+                n = 0
+                while found and n < batch:
+                    digest = bytes(cur.key())
+                    _, length = _header_of(cur.value())
+                    txn.put(digest, Location(0, length, 0, FLAG_NO_CHECKSUM).encode(), db=self._index)
+                    txn.put(_seg_key(0, digest), b"", db=self._seg_chunks)
+                    last = digest
+                    n += 1
+                    found = cur.next()
+                return last if found else None
+            return self._write_txn(step)
+
+        after: bytes | None = None
+        while True:
+            nxt = index_from(after)
+            if nxt is None:
+                break
+            after = nxt
+
+        def reset_refs(txn: lmdb.Transaction) -> None:
+            txn.drop(self._refs, delete=False)
+        self._write_txn(reset_refs)
+
+        def count_from(after_key: bytes | None) -> bytes | None:
+            def step(txn: lmdb.Transaction) -> bytes | None:
+                cur = txn.cursor(db=self._map)
+                found = cur.set_range(after_key + b"\0") if after_key is not None else cur.first()
+                n = 0
+                last = None
+                while found and n < batch:
+                    value = bytes(cur.value())
+                    if value:
+                        self._incref(txn, value)
+                    last = bytes(cur.key())
+                    n += 1
+                    found = cur.next()
+                return last if found else None
+            return self._write_txn(step)
+
+        after = None
+        while True:
+            nxt = count_from(after)
+            if nxt is None:
+                break
+            after = nxt
+
+        def finish(txn: lmdb.Transaction) -> None:
+            live = 0
+            for _, v in txn.cursor(db=self._index):
+                live += Location.decode(v).length
+            txn.put(_u32(0), json.dumps({"state": "sealed", "live": live}).encode(),
+                    db=self._segments_db)
+            new_header = {**header, "format": STORE_FORMAT, "upgraded": utc_iso(time.time()),
+                          "upgraded_from": header["format"],
+                          "segment_bytes": segment_bytes or DEFAULT_SEGMENT_BYTES}
+            txn.put(b"format", json.dumps(new_header).encode(), db=self._meta)
+        self._write_txn(finish)
+        self.sync()
+
+    def _forget_retired_files(self) -> None:
+        """Delete the files of segments compacted away before a crash or a stop."""
+        states = self.read(lambda r: {
+            _unpack_u32(k): json.loads(bytes(v))["state"] for k, v in r.txn.cursor(db=self._segments_db)})
+        for sid in self.segments.existing():
+            if states.get(sid) == "retired":
+                self.segments.retire(sid)
 
     def close(self) -> None:
         with self._write_lock, self._guard.exclusive():
             self._writeback.close()
+            self.segments.close()
             self.env.close()
 
     def __enter__(self) -> Store:
@@ -285,16 +474,20 @@ class Store:
             try:
                 self.env.sync(True)
             except lmdb.Error as exc:
-                raise _translate(exc) from exc
+                raise _translate(exc, self.path) from exc
 
     # -- transactions ---------------------------------------------------------------------------
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn`` in one write transaction, growing the map and retrying when it is full.
+        """Run ``fn`` in one write transaction of the main environment, growing the map and
+        retrying when it is full.
 
         A full disk (or a map that cannot grow) aborts the transaction and raises StoreFull;
         everything committed before stays as it was.
         """
+        return self._write_txn(fn)
+
+    def _write_txn(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         with self._write_lock:
             while True:
                 try:
@@ -315,17 +508,26 @@ class Store:
                 except lmdb.MapResizedError:
                     self._adopt_map_size()
                 except lmdb.Error as exc:
-                    raise _translate(exc) from exc
+                    raise _translate(exc, self.path) from exc
 
-    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def read(self, fn: Callable[[Reading], T]) -> T:
+        """Run ``fn`` on one consistent :class:`Reading` of the store.
+
+        A chunk whose segment was compacted away after this reading looked it up makes the
+        whole read start again, on a fresh snapshot (which points to where it moved).
+        """
         while True:
             self._guard.enter()
+            segments = SegmentReader(self.segments)
             try:
                 with self.env.begin(buffers=True) as txn:
-                    return fn(txn)
+                    return fn(Reading(txn, segments))
             except lmdb.MapResizedError:
                 pass
+            except SegmentGone:
+                continue
             finally:
+                segments.close()
                 self._guard.leave()
             self._adopt_map_size()
 
@@ -358,40 +560,58 @@ class Store:
         validate_block_size(block_size)
         if size <= 0 or size % 512:
             raise StoreError(f"volume size {size} must be a positive multiple of 512 bytes")
+        if size > MAX_VOLUME_SIZE:
+            raise StoreError(f"volume size {size} is larger than the largest served "
+                             f"({MAX_VOLUME_SIZE} bytes, 1 EiB)")
 
         def create(txn: lmdb.Transaction) -> VolumeInfo:
             if txn.get(name.encode(), db=self._volumes) is not None:
                 raise VolumeExists(f"volume {name!r} already exists")
-            raw_id = txn.get(b"next_volume_id", db=self._meta)
-            vid = int(raw_id) if raw_id else 1
-            txn.put(b"next_volume_id", str(vid + 1).encode(), db=self._meta)
+            vid = self._next_volume_id(txn)
             info = VolumeInfo(name, vid, size, block_size, time.time(), parent)
-            record = {"id": vid, "size": size, "block_size": block_size,
-                      "created": info.created, "parent": parent}
-            txn.put(name.encode(), json.dumps(record).encode(), db=self._volumes)
+            txn.put(name.encode(), _volume_record(info), db=self._volumes)
             return info
 
         info = self.write(create)
         self.sync()
         return info
 
+    def _next_volume_id(self, txn: lmdb.Transaction) -> int:
+        raw_id = txn.get(b"next_volume_id", db=self._meta)
+        vid = int(raw_id) if raw_id else 1
+        txn.put(b"next_volume_id", str(vid + 1).encode(), db=self._meta)
+        return vid
+
     def volume(self, name: str) -> VolumeInfo:
-        raw = self.read(lambda txn: _bytes(txn.get(name.encode(), db=self._volumes)))
+        raw = self.read(lambda r: _bytes(r.txn.get(name.encode(), db=self._volumes)))
         if raw is None:
             raise UnknownVolume(f"no volume named {name!r}")
         return _volume_from(name, raw)
 
     def volumes(self) -> list[VolumeInfo]:
-        def scan(txn: lmdb.Transaction) -> list[VolumeInfo]:
+        def scan(r: Reading) -> list[VolumeInfo]:
             return [_volume_from(bytes(k).decode(), bytes(v))
-                    for k, v in txn.cursor(db=self._volumes)]
+                    for k, v in r.txn.cursor(db=self._volumes)]
         return self.read(scan)
+
+    def set_retention(self, volume: VolumeInfo, policy: dict[str, Any] | None) -> VolumeInfo:
+        """Store ``policy`` (None: keep everything) as the volume's retention policy."""
+        def put(txn: lmdb.Transaction) -> VolumeInfo:
+            raw = txn.get(volume.name.encode(), db=self._volumes)
+            if raw is None:
+                raise UnknownVolume(f"no volume named {volume.name!r}")
+            info = replace(_volume_from(volume.name, bytes(raw)), retention=policy or None)
+            txn.put(volume.name.encode(), _volume_record(info), db=self._volumes)
+            return info
+        info = self.write(put)
+        self.sync()
+        return info
 
     # -- versions -------------------------------------------------------------------------------
 
     def latest_version(self, volume: VolumeInfo) -> int:
         """The newest committed version number, 0 when nothing was committed yet."""
-        return self.read(lambda txn: self._latest(txn, volume.id))
+        return self.read(lambda r: self._latest(r.txn, volume.id))
 
     def _latest(self, txn: lmdb.Transaction, vid: int) -> int:
         cur = txn.cursor(db=self._versions)
@@ -403,43 +623,61 @@ class Store:
         key_vid, version = keys.unpack_version_key(bytes(cur.key()))
         return version if key_vid == vid else 0
 
+    def _last_number(self, txn: lmdb.Transaction, vid: int) -> int:
+        """The highest version number ever committed (versions are never renumbered, and a
+        pruned number is never reused: the next version is this plus one)."""
+        raw = txn.get(b"last_version:" + _u32(vid), db=self._meta)
+        return max(int(raw) if raw else 0, self._latest(txn, vid))
+
     def version(self, volume: VolumeInfo, version: int) -> VersionInfo:
-        raw = self.read(lambda txn: _bytes(txn.get(keys.version_key(volume.id, version),
-                                                   db=self._versions)))
-        if raw is None:
-            raise UnknownVersion(f"volume {volume.name!r} has no version {version}")
-        return _version_from(volume.name, raw)
+        def get(r: Reading) -> VersionInfo | None:
+            key = keys.version_key(volume.id, version)
+            raw = r.txn.get(key, db=self._versions)
+            if raw is None:
+                return None
+            return _version_from(volume.name, bytes(raw), _bytes(r.txn.get(key, db=self._pins)))
+        info = self.read(get)
+        if info is None:
+            raise UnknownVersion(f"volume {volume.name!r} has no version {version}"
+                                 + self._pruned_note(volume, version))
+        return info
+
+    def _pruned_note(self, volume: VolumeInfo, version: int) -> str:
+        last = self.read(lambda r: self._last_number(r.txn, volume.id))
+        return " (it was pruned)" if 0 < version <= last else ""
 
     def versions(self, volume: VolumeInfo) -> list[VersionInfo]:
-        def scan(txn: lmdb.Transaction) -> list[VersionInfo]:
+        def scan(r: Reading) -> list[VersionInfo]:
             out: list[VersionInfo] = []
-            cur = txn.cursor(db=self._versions)
+            cur = r.txn.cursor(db=self._versions)
             if not cur.set_range(keys.version_key(volume.id, 0)):
                 return out
             for k, v in cur:
                 if keys.unpack_version_key(bytes(k))[0] != volume.id:
                     break
-                out.append(_version_from(volume.name, bytes(v)))
+                out.append(_version_from(volume.name, bytes(v),
+                                         _bytes(r.txn.get(bytes(k), db=self._pins))))
             return out
         return self.read(scan)
 
     def version_at(self, volume: VolumeInfo, timestamp: float) -> int:
-        """The newest version committed at or before ``timestamp`` (binary search: versions
-        are numbered 1..latest without gaps and their times never go backwards)."""
+        """The newest version committed at or before ``timestamp`` (binary search over the
+        versions that exist: their times never go backwards)."""
         # Compare whole microseconds: the ISO text has that resolution, and float sums would
         # otherwise put an exact match a rounding error away.
         limit = round(timestamp * 1e6)
+        numbers = [v.version for v in self.versions(volume)]
 
-        def search(txn: lmdb.Transaction) -> int:
-            lo, hi = 0, self._latest(txn, volume.id)
+        def search(r: Reading) -> int:
+            lo, hi = 0, len(numbers)
             while lo < hi:
-                mid = (lo + hi + 1) // 2
-                raw = txn.get(keys.version_key(volume.id, mid), db=self._versions)
+                mid = (lo + hi) // 2
+                raw = r.txn.get(keys.version_key(volume.id, numbers[mid]), db=self._versions)
                 if raw is not None and round(json.loads(bytes(raw))["timestamp"] * 1e6) <= limit:
-                    lo = mid
+                    lo = mid + 1
                 else:
-                    hi = mid - 1
-            return lo
+                    hi = mid
+            return numbers[lo - 1] if lo else 0
         found = self.read(search)
         if found == 0:
             raise UnknownVersion(
@@ -447,9 +685,26 @@ class Store:
             )
         return found
 
+    def pin(self, volume: VolumeInfo, version: int, note: str = "") -> None:
+        """Protect ``version`` from pruning (with a note saying why)."""
+        def put(txn: lmdb.Transaction) -> None:
+            key = keys.version_key(volume.id, version)
+            if txn.get(key, db=self._versions) is None:
+                raise UnknownVersion(f"volume {volume.name!r} has no version {version}")
+            txn.put(key, json.dumps({"note": note, "time": time.time()}).encode(), db=self._pins)
+        self.write(put)
+        self.sync()
+
+    def unpin(self, volume: VolumeInfo, version: int) -> bool:
+        """Remove the pin of ``version``; False when it was not pinned."""
+        removed = self.write(lambda txn: bool(txn.delete(keys.version_key(volume.id, version),
+                                                         db=self._pins)))
+        self.sync()
+        return removed
+
     # -- blocks ---------------------------------------------------------------------------------
 
-    def block_digests(self, txn: lmdb.Transaction, volume: VolumeInfo, version: int,
+    def block_digests(self, r: Reading | lmdb.Transaction, volume: VolumeInfo, version: int,
                       first: int, count: int) -> list[bytes | None]:
         """The digest (None: zeros) of blocks first..first+count-1 at ``version``, in order.
 
@@ -457,6 +712,7 @@ class Store:
         written, so it stays cheap on large sparse volumes. This is on the path of every NBD
         read: keys are compared as bytes, and unpacked only to skip a run of holes.
         """
+        txn = r.txn if isinstance(r, Reading) else r
         out: list[bytes | None] = []
         cur = txn.cursor(db=self._map)
         vid = volume.id
@@ -485,38 +741,125 @@ class Store:
         out.extend([None] * (end - block))
         return out
 
-    def has_chunk(self, txn: lmdb.Transaction, digest: bytes) -> bool:
-        return txn.get(digest, db=self._chunks) is not None
+    def has_chunk(self, r: Reading, digest: bytes) -> bool:
+        """True when the store holds ``digest`` durably and it is referenced (a chunk without
+        references may be swept: a writer must not count on it) and undamaged."""
+        raw = r.txn.get(digest, db=self._index)
+        if raw is None or Location.decode(raw).flags & FLAG_DAMAGED:
+            return False
+        return r.txn.get(digest, db=self._refs) is not None
 
-    def copy_chunk(self, txn: lmdb.Transaction, digest: bytes, dest: memoryview,
-                   start: int) -> None:
-        """Copy the chunk's data from ``start`` into all of ``dest``.
+    def locate(self, r: Reading | lmdb.Transaction, digest: bytes) -> Location | None:
+        txn = r.txn if isinstance(r, Reading) else r
+        raw = txn.get(digest, db=self._index)
+        return None if raw is None else Location.decode(raw)
+
+    def copy_chunk(self, r: Reading, digest: bytes, dest: memoryview, start: int) -> None:
+        """Copy the chunk's data from ``start`` into all of ``dest``, after checking all of
+        its data against the index's checksum.
 
         On the path of every NBD read, once per block: the data is copied straight out of
-        LMDB's map, and the tail is looked up only when the range reaches it."""
-        stored = txn.get(digest, db=self._chunks)
-        if stored is None:
+        the segment's map."""
+        raw = r.txn.get(digest, db=self._index)
+        if raw is None:
             raise StoreError(f"store is missing chunk {digest.hex()}")
-        fmt, length = check_header(stored)
-        end = start + len(dest)
-        cut = len(stored) - HEADER_SIZE  # data bytes held in `stored`
-        if end <= cut:
-            dest[:] = stored[HEADER_SIZE + start : HEADER_SIZE + end]
-            return
-        tail = txn.get(digest, db=self._tails) if fmt == FORMAT_SPLIT else None
-        if tail is None or cut + len(tail) != length or end > length:
-            raise StoreFormatError(f"chunk {digest.hex()} is incomplete (tail missing or short)")
-        if start < cut:
-            dest[: cut - start] = stored[HEADER_SIZE + start :]
-            dest[cut - start :] = tail[: end - cut]
+        loc = Location.decode(raw)
+        if loc.flags & FLAG_DAMAGED:
+            raise ChunkDamaged(f"chunk {digest.hex()} is damaged (found by an earlier check); "
+                               "it is whole again once the same content is written")
+        if loc.segment == 0:
+            stored, tail = r.txn.get(digest, db=self._chunks), r.txn.get(digest, db=self._tails)
         else:
-            dest[:] = tail[start - cut : end - cut]
+            stored, tail = r.segments.get(loc.segment, digest)
+        if stored is None:
+            raise ChunkDamaged(f"chunk {digest.hex()} is missing from segment {loc.segment}")
+        if not loc.flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != loc.check:
+            raise ChunkDamaged(f"chunk {digest.hex()} in segment {loc.segment} fails its "
+                               "checksum: damaged on disk")
+        copy_stored(stored, tail, dest, start, digest.hex())
+
+    def read_chunk(self, r: Reading, digest: bytes) -> bytes:
+        """A chunk's whole data (checked)."""
+        loc = self.locate(r, digest)
+        if loc is None:
+            raise StoreError(f"store is missing chunk {digest.hex()}")
+        out = bytearray(loc.length)
+        self.copy_chunk(r, digest, memoryview(out), 0)
+        return bytes(out)
+
+    # -- saving batches -------------------------------------------------------------------------
+
+    def save_chunks(self, chunks: dict[bytes, bytearray | bytes]) -> dict[bytes, Location]:
+        """Write the chunks the store does not index yet to the active segment, durably.
+
+        Returns where each one went; give that to :meth:`stage_blocks` (in the main
+        transaction that then indexes them). Chunks already indexed are skipped.
+        """
+        def missing(r: Reading) -> list[bytes]:
+            out = []
+            for d in chunks:
+                raw = r.txn.get(d, db=self._index)
+                # A damaged chunk is written again: healing by content.
+                if raw is None or Location.decode(raw).flags & FLAG_DAMAGED:
+                    out.append(d)
+            return out
+        todo = self.read(missing)
+        if not todo:
+            return {}
+        with self.segments.write_lock:
+            sid = self._active_segment()
+            items = [(d, chunks[d]) for d in todo]
+            used = self.segments.write(sid, items)
+            located = {d: Location(sid, len(c) - HEADER_SIZE, checksum(memoryview(c)[HEADER_SIZE:]))
+                       for d, c in items}
+            if used >= self.segments.segment_bytes:
+                self._seal(sid)
+        return located
+
+    def _active_segment(self) -> int:
+        raw = self.read(lambda r: _bytes(r.txn.get(b"active_segment", db=self._meta)))
+        if raw is not None:
+            return int(raw)
+
+        def find(txn: lmdb.Transaction) -> int:
+            raw = txn.get(b"active_segment", db=self._meta)
+            return int(raw) if raw is not None else self._new_segment(txn)
+        return self._write_txn(find)
+
+    def _new_segment(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(b"next_segment", db=self._meta)
+        sid = int(raw) if raw else 1
+        txn.put(b"next_segment", str(sid + 1).encode(), db=self._meta)
+        txn.put(b"active_segment", str(sid).encode(), db=self._meta)
+        txn.put(_u32(sid), json.dumps({"state": "active", "live": 0}).encode(), db=self._segments_db)
+        return sid
+
+    def _seal(self, sid: int) -> None:
+        """Segment ``sid`` is full: never written again; the next chunks go to a new one."""
+        def seal(txn: lmdb.Transaction) -> None:
+            rec = self._segment_record(txn, sid)
+            rec["state"] = "sealed"
+            txn.put(_u32(sid), json.dumps(rec).encode(), db=self._segments_db)
+            self._new_segment(txn)
+        self._write_txn(seal)
+
+    def _segment_record(self, txn: lmdb.Transaction, sid: int) -> dict[str, Any]:
+        raw = txn.get(_u32(sid), db=self._segments_db)
+        rec: dict[str, Any] = json.loads(bytes(raw)) if raw is not None else {"state": "sealed", "live": 0}
+        return rec
+
+    def _add_live(self, txn: lmdb.Transaction, deltas: dict[int, int]) -> None:
+        for sid, delta in deltas.items():
+            if delta:
+                rec = self._segment_record(txn, sid)
+                rec["live"] = int(rec.get("live", 0)) + delta
+                txn.put(_u32(sid), json.dumps(rec).encode(), db=self._segments_db)
 
     # The pending-version primitives below are used by nbdsink.store.head.Head inside one
     # write transaction. They are here because they know the key layout.
 
     def pending_counters(self, txn: lmdb.Transaction, volume: VolumeInfo) -> PendingCounters:
-        latest = self._latest(txn, volume.id)
+        latest = self._last_number(txn, volume.id)
         raw = txn.get(keys.volume_id_key(volume.id), db=self._pending)
         if raw is not None:
             counters = PendingCounters.decode(bytes(raw))
@@ -528,61 +871,101 @@ class Store:
                              counters: PendingCounters) -> None:
         txn.put(keys.volume_id_key(volume.id), counters.encode(), db=self._pending)
 
+    def _incref(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        raw = txn.get(digest, db=self._refs)
+        if raw is None:
+            txn.put(digest, _REF.pack(1), db=self._refs)
+            txn.delete(digest, db=self._garbage)
+        else:
+            txn.put(digest, _REF.pack(_REF.unpack(raw)[0] + 1), db=self._refs)
+
+    def _decref(self, txn: lmdb.Transaction, digest: bytes) -> None:
+        raw = txn.get(digest, db=self._refs)
+        n = _REF.unpack(raw)[0] if raw is not None else 0
+        if n <= 1:
+            txn.delete(digest, db=self._refs)
+            txn.put(digest, _TIME.pack(time.time()), db=self._garbage)
+        else:
+            txn.put(digest, _REF.pack(n - 1), db=self._refs)
+
     def stage_blocks(self, txn: lmdb.Transaction, volume: VolumeInfo,
                      counters: PendingCounters,
-                     blocks: Iterable[tuple[int, bytes | None, bytes | bytearray | None]]
-                     ) -> None:
-        """Set each ``block`` of the pending version to ``digest`` (None: all zeros);
-        ``chunk`` is the encoded chunk (see :func:`nbdsink.store.chunks.encode_chunk`) to store
-        under ``digest`` if the store does not hold it yet (None: the writer found it stored).
+                     blocks: Iterable[tuple[int, bytes | None]],
+                     located: dict[bytes, Location] | None = None) -> None:
+        """Set each ``block`` of the pending version to ``digest`` (None: all zeros).
 
-        A block set back to what the previous version holds leaves no entry, so a version
-        records exactly the blocks that differ from its predecessor. Blocks in ascending order
-        keep the map's pages hot.
+        A digest the index does not hold must be in ``located`` (written by
+        :meth:`save_chunks`): it is indexed now. A block set back to what the previous
+        version holds leaves no entry, so a version records exactly the blocks that differ
+        from its predecessor. Blocks in ascending order keep the map's pages hot.
         """
+        located = located or {}
         cur = txn.cursor(db=self._map)
         vid = volume.id
         pending = counters.version
         prefix_size = keys.BLOCK_PREFIX_SIZE
-        for block, digest, chunk in blocks:
+        live: dict[int, int] = {}
+        for block, digest in blocks:
             pending_key = keys.map_key(vid, block, pending)
             prefix = pending_key[:prefix_size]
             # One seek finds both the pending entry (if any) and the previous version's:
             # the newest entry at or below `pending` sorts first.
-            had_pending = False
+            had_pending: bytes | None = None
             previous: bytes | None = None
             if cur.set_range(pending_key) and cur.key()[:prefix_size] == prefix:
                 if cur.key() == pending_key:
-                    had_pending = True
+                    had_pending = bytes(cur.value())
                     if cur.next() and cur.key()[:prefix_size] == prefix:
                         previous = bytes(cur.value()) or None
                 else:
                     previous = bytes(cur.value()) or None
+            if digest is not None:
+                self._index_chunk(txn, digest, located, counters, live, block, volume)
+            if had_pending:
+                self._decref(txn, had_pending)
             if digest == previous:
-                if had_pending:
+                if had_pending is not None:
                     txn.delete(pending_key, db=self._map)
                     counters.blocks_changed -= 1
                 continue
-            if digest is not None and chunk is None:
-                # The writer took the chunk as stored. Check it, in this transaction: a map
-                # entry without its chunk would be a version that can never be read back.
-                if txn.get(digest, db=self._chunks) is None:
-                    raise StoreError(
-                        f"refusing to record block {block} of {volume.name!r}: chunk "
-                        f"{digest.hex()} was taken as stored but the store does not hold it")
-            elif digest is not None and chunk is not None:
-                length = len(chunk) - HEADER_SIZE
-                split = chunk[0] == FORMAT_SPLIT
-                cut = HEADER_SIZE + (split_point(length, self._page_size) if split else length)
-                view = memoryview(chunk)
-                if txn.put(digest, view[:cut], db=self._chunks, overwrite=False):
-                    if split:
-                        txn.put(digest, view[cut:], db=self._tails)
-                    counters.bytes_stored += length
-                    counters.chunks_stored += 1
             txn.put(pending_key, digest or b"", db=self._map)
-            if not had_pending:
+            if digest is not None:
+                self._incref(txn, digest)
+            if had_pending is None:
                 counters.blocks_changed += 1
+        self._add_live(txn, live)
+
+    def _index_chunk(self, txn: lmdb.Transaction, digest: bytes, located: dict[bytes, Location],
+                     counters: PendingCounters, live: dict[int, int], block: int,
+                     volume: VolumeInfo) -> None:
+        raw = txn.get(digest, db=self._index)
+        if raw is not None:
+            loc = Location.decode(raw)
+            new = located.get(digest)
+            if loc.flags & FLAG_DAMAGED and new is not None:
+                # Healed by content: the same data arrived again; the new copy replaces it.
+                self._repoint(txn, digest, loc, new, live)
+            return
+        new = located.get(digest)
+        if new is None:
+            # The writer took the chunk as stored. A map entry without its chunk would be
+            # a version that can never be read back: refuse.
+            raise StoreError(
+                f"refusing to record block {block} of {volume.name!r}: chunk "
+                f"{digest.hex()} was taken as stored but the store does not hold it")
+        txn.put(digest, new.encode(), db=self._index)
+        txn.put(_seg_key(new.segment, digest), b"", db=self._seg_chunks)
+        live[new.segment] = live.get(new.segment, 0) + new.length
+        counters.bytes_stored += new.length
+        counters.chunks_stored += 1
+
+    def _repoint(self, txn: lmdb.Transaction, digest: bytes, old: Location, new: Location,
+                 live: dict[int, int]) -> None:
+        txn.put(digest, new.encode(), db=self._index)
+        txn.delete(_seg_key(old.segment, digest), db=self._seg_chunks)
+        txn.put(_seg_key(new.segment, digest), b"", db=self._seg_chunks)
+        live[old.segment] = live.get(old.segment, 0) - old.length
+        live[new.segment] = live.get(new.segment, 0) + new.length
 
     def commit_pending(self, txn: lmdb.Transaction, volume: VolumeInfo,
                        counters: PendingCounters, consistency: str,
@@ -591,7 +974,8 @@ class Store:
         if counters.blocks_changed == 0:
             txn.delete(keys.volume_id_key(volume.id), db=self._pending)
             return None
-        previous = txn.get(keys.version_key(volume.id, counters.version - 1), db=self._versions)
+        latest = self._latest(txn, volume.id)
+        previous = txn.get(keys.version_key(volume.id, latest), db=self._versions) if latest else None
         # Microsecond resolution, as the ISO time users see and type has.
         now = round(time.time(), 6)
         if previous is not None:
@@ -604,23 +988,59 @@ class Store:
         )
         record = info.to_json()
         record["timestamp"] = now
-        del record["volume"]
+        for k in ("volume", "pinned", "pin_note"):
+            del record[k]
         txn.put(keys.version_key(volume.id, counters.version), json.dumps(record).encode(),
                 db=self._versions)
+        txn.put(b"last_version:" + _u32(volume.id), str(counters.version).encode(), db=self._meta)
         txn.delete(keys.volume_id_key(volume.id), db=self._pending)
         return info
 
     def stats(self) -> dict[str, int]:
         """Entry counts and sizes, for tests and ``nbdsink store-info``."""
-        def gather(txn: lmdb.Transaction) -> dict[str, int]:
-            chunk_stat = txn.stat(self._chunks)
+        def gather(r: Reading) -> dict[str, int]:
+            txn = r.txn
             return {
-                "chunks": chunk_stat["entries"],
+                "chunks": txn.stat(self._index)["entries"],
                 "map_entries": txn.stat(self._map)["entries"],
                 "versions": txn.stat(self._versions)["entries"],
                 "volumes": txn.stat(self._volumes)["entries"],
+                "garbage": txn.stat(self._garbage)["entries"],
             }
         return self.read(gather)
+
+
+def _data_check(stored: memoryview | bytes, tail: memoryview | bytes | None) -> int:
+    if not tail:
+        return checksum(memoryview(stored)[HEADER_SIZE:])
+    h = xxhash.xxh3_64()
+    h.update(memoryview(stored)[HEADER_SIZE:])
+    h.update(tail)
+    return int(h.intdigest())
+
+
+def _header_of(stored: memoryview | bytes) -> tuple[int, int]:
+    from nbdsink.store.chunks import check_header
+
+    return check_header(stored)
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack(">I", n)
+
+
+def _unpack_u32(raw: bytes | memoryview) -> int:
+    return int(struct.unpack(">I", bytes(raw))[0])
+
+
+def _seg_key(sid: int, digest: bytes) -> bytes:
+    return struct.pack(">I", sid) + digest
+
+
+def _volume_record(info: VolumeInfo) -> bytes:
+    return json.dumps({"id": info.id, "size": info.size, "block_size": info.block_size,
+                       "created": info.created, "parent": info.parent, "base": info.base,
+                       "retention": info.retention}).encode()
 
 
 def _bytes(value: object) -> bytes | None:
@@ -628,23 +1048,33 @@ def _bytes(value: object) -> bytes | None:
 
 
 def _volume_from(name: str, raw: bytes) -> VolumeInfo:
-    rec = json.loads(raw)
-    return VolumeInfo(name, rec["id"], rec["size"], rec["block_size"], rec["created"],
-                      rec.get("parent"))
+    try:
+        rec = json.loads(raw)
+        return VolumeInfo(name, int(rec["id"]), int(rec["size"]), int(rec["block_size"]),
+                          float(rec["created"]), rec.get("parent"), rec.get("base"),
+                          rec.get("retention"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreFormatError(f"the record of volume {name!r} is damaged ({exc})") from None
 
 
-def _version_from(volume: str, raw: bytes) -> VersionInfo:
-    rec = json.loads(raw)
-    return VersionInfo(
-        volume=volume, version=rec["version"], timestamp=rec["timestamp"], size=rec["size"],
-        blocks_changed=rec["blocks_changed"], bytes_stored=rec["bytes_stored"],
-        chunks_stored=rec["chunks_stored"], consistency=rec.get("consistency", "none"),
-        labels=rec.get("labels", {}),
-    )
+def _version_from(volume: str, raw: bytes, pin: bytes | None = None) -> VersionInfo:
+    try:
+        rec = json.loads(raw)
+        note = None if pin is None else str(json.loads(pin).get("note", ""))
+        return VersionInfo(
+            volume=volume, version=rec["version"], timestamp=rec["timestamp"], size=rec["size"],
+            blocks_changed=rec["blocks_changed"], bytes_stored=rec["bytes_stored"],
+            chunks_stored=rec["chunks_stored"], consistency=rec.get("consistency", "none"),
+            labels=rec.get("labels", {}), pinned=note,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreFormatError(f"a version record of volume {volume!r} is damaged ({exc})") from None
 
 
-def _translate(exc: lmdb.Error) -> StoreError:
+def _translate(exc: lmdb.Error, where: Path) -> StoreError:
     text = str(exc)
-    if "No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+    # LMDB reports a write that found the disk full as EIO: tell them apart by the room left.
+    if ("No space left" in text or getattr(exc, "errno", None) == errno.ENOSPC
+            or disk_free(where) < FULL_MARGIN):
         return StoreFull(f"disk full: {text}")
     return StoreError(f"LMDB error: {text}")

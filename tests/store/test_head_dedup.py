@@ -133,10 +133,10 @@ def test_recording_a_block_without_its_chunk_is_refused(tmp_path: Path) -> None:
 
     def stage(txn: Any) -> None:
         counters = store.pending_counters(txn, vol)
-        store.stage_blocks(txn, vol, counters, [(3, missing, None)])
+        store.stage_blocks(txn, vol, counters, [(3, missing)])
 
     with pytest.raises(StoreError, match="does not hold it"):
         store.write(stage)
-    assert store.read(lambda txn: txn.get(map_key(vol.id, 3, 1), db=store._map)) is None
+    assert store.read(lambda r: r.txn.get(map_key(vol.id, 3, 1), db=store._map)) is None
     assert head.commit() is None
     store.close()

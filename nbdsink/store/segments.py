@@ -1,0 +1,281 @@
+"""Chunk data in segment environments: one LMDB file per segment, never shrunk, deleted whole.
+
+Why not one file: an LMDB file never gives space back, and freeing many multi-page values
+fragments its free list until commits crawl. So chunk data go to the *active* segment; a
+segment that reached its size is *sealed* and never written again; a sealed segment whose
+live data fell low is compacted away whole by the store (live chunks copied to the active
+segment, the index repointed in one transaction of the main environment, then the file
+deleted here once no reader of this process still uses it).
+
+A segment holds, like format 2 stores did, a chunk's header and data up to its split point
+under its digest in ``chunks`` and the rest (a few bytes, for chunks under 64 KiB) in
+``tails`` (see :mod:`nbdsink.store.chunks`).
+
+Segment 0 is special: the chunks a format-2 store kept in its main environment, read in place
+until compaction moves them (it is never written).
+
+This module knows files, not the index: :class:`nbdsink.store.store.Store` decides what lives
+where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_point
+from nbdsink.store.errors import StoreError, StoreFormatError
+
+SEGMENT_DIR = "segments"
+DEFAULT_SEGMENT_BYTES = 1 << 30
+MAX_OPEN = 256
+"""Segment environments kept open at once (each costs a descriptor and a mapping)."""
+
+
+class SegmentGone(StoreError):
+    """The segment was compacted away after the reader looked it up: read again."""
+
+
+class Segment:
+    """One open segment environment."""
+
+    def __init__(self, sid: int, path: Path, map_size: int, create: bool) -> None:
+        self.id = sid
+        self.path = path
+        if not create and not path.exists():
+            raise SegmentGone(f"segment {sid} is gone")
+        try:
+            self.env = lmdb.open(str(path), map_size=map_size, max_dbs=2, subdir=False,
+                                 create=create, metasync=False, sync=True, max_readers=512,
+                                 readahead=False)
+        except lmdb.Error as exc:
+            if not path.exists():
+                raise SegmentGone(f"segment {sid} is gone") from None
+            raise StoreError(f"cannot open segment {path}: {exc}") from exc
+        self.chunks = self.env.open_db(b"chunks", create=create)
+        self.tails = self.env.open_db(b"tails", create=create)
+        self.page_size = int(self.env.stat()["psize"])
+        self.users = 0
+        self.retired = False
+
+    def used_bytes(self) -> int:
+        """Bytes of the file's pages in use (what a full segment is measured by)."""
+        info = self.env.info()
+        return (int(info["last_pgno"]) + 1) * self.page_size
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def copy_stored(stored: memoryview | bytes, tail: memoryview | bytes | None,
+                dest: memoryview, start: int, what: str) -> None:
+    """Copy a stored chunk's data from ``start`` into all of ``dest`` (header checked)."""
+    fmt, length = check_header(stored)
+    end = start + len(dest)
+    cut = len(stored) - HEADER_SIZE
+    if end <= cut:
+        dest[:] = stored[HEADER_SIZE + start : HEADER_SIZE + end]
+        return
+    if fmt != FORMAT_SPLIT or tail is None or cut + len(tail) != length or end > length:
+        raise StoreFormatError(f"chunk {what} is incomplete (tail missing or short)")
+    if start < cut:
+        dest[: cut - start] = stored[HEADER_SIZE + start :]
+        dest[cut - start :] = tail[: end - cut]
+    else:
+        dest[:] = tail[start - cut : end - cut]
+
+
+class SegmentSet:
+    """The segment files of one store, opened on demand (a bounded LRU) and counted while
+    readers use them, so that a retired segment is closed and deleted only once unused."""
+
+    def __init__(self, store_dir: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.dir = store_dir / SEGMENT_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._open: OrderedDict[int, Segment] = OrderedDict()
+        self._retired: set[int] = set()
+        self._lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        """Held while chunks are written to a segment (one segment writer at a time)."""
+
+    def path(self, sid: int) -> Path:
+        return self.dir / f"{sid:08d}.mdb"
+
+    def _map_size(self) -> int:
+        # Room for a full segment plus the last batch that crossed the line, and LMDB's
+        # overhead; the address space is free, the file grows as pages are written.
+        return max(4 * self.segment_bytes, 256 << 20)
+
+    def acquire(self, sid: int, create: bool = False) -> Segment:
+        """The open segment ``sid``, counted as in use until :meth:`release`."""
+        with self._lock:
+            if sid in self._retired:
+                raise SegmentGone(f"segment {sid} was compacted away")
+            seg = self._open.get(sid)
+            if seg is None:
+                seg = Segment(sid, self.path(sid), self._map_size(), create)
+                self._open[sid] = seg
+                self._evict()
+            else:
+                self._open.move_to_end(sid)
+            seg.users += 1
+            return seg
+
+    def release(self, seg: Segment) -> None:
+        with self._lock:
+            seg.users -= 1
+            if seg.users == 0 and seg.retired:
+                self._drop(seg)
+
+    def _evict(self) -> None:
+        # Close the least recently used segments nobody is reading.
+        for sid in list(self._open):
+            if len(self._open) <= MAX_OPEN:
+                break
+            seg = self._open[sid]
+            if seg.users == 0:
+                del self._open[sid]
+                seg.close()
+
+    def _drop(self, seg: Segment) -> None:
+        self._open.pop(seg.id, None)
+        seg.close()
+        self._unlink(seg.id)
+
+    def _unlink(self, sid: int) -> None:
+        for p in (self.path(sid), self.path(sid).with_name(self.path(sid).name + "-lock")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def retire(self, sid: int) -> None:
+        """``sid`` holds nothing the index points to any more: close and delete it once no
+        reader of this process uses it (other processes keep their open mappings valid)."""
+        with self._lock:
+            self._retired.add(sid)
+            seg = self._open.get(sid)
+            if seg is None:
+                self._unlink(sid)
+            elif seg.users == 0:
+                self._drop(seg)
+            else:
+                seg.retired = True
+
+    def write(self, sid: int, chunks: list[tuple[bytes, bytes | bytearray]]) -> int:
+        """Store ``(digest, encoded chunk)`` pairs in segment ``sid`` and make them durable;
+        returns the segment's bytes in use afterwards. Digests it holds already are skipped."""
+        need = sum(len(c) for _, c in chunks) + (1 << 20)
+        if disk_free(self.dir) < need:
+            # LMDB would report a full disk as EIO from its write: say what it is.
+            from nbdsink.store.errors import StoreFull
+
+            raise StoreFull(f"disk full: {disk_free(self.dir) >> 20} MiB free in {self.dir}, "
+                            f"{need >> 20} MiB needed")
+        seg = self.acquire(sid, create=True)
+        try:
+            try:
+                with seg.env.begin(write=True) as txn:
+                    for digest, chunk in chunks:
+                        length = len(chunk) - HEADER_SIZE
+                        split = chunk[0] == FORMAT_SPLIT
+                        cut = HEADER_SIZE + (split_point(length, seg.page_size) if split else length)
+                        view = memoryview(chunk)
+                        if txn.put(digest, view[:cut], db=seg.chunks, overwrite=False) and split:
+                            txn.put(digest, view[cut:], db=seg.tails)
+            except lmdb.MapFullError as exc:
+                raise StoreError(f"segment {sid} is full ({exc})") from exc
+            except lmdb.Error as exc:
+                raise _translate(exc, self.dir) from exc
+            return seg.used_bytes()
+        finally:
+            self.release(seg)
+
+    def read(self, sid: int, digest: bytes) -> bytes | None:
+        """The whole encoded chunk (header and data, tail joined) or None if absent."""
+        seg = self.acquire(sid)
+        try:
+            with seg.env.begin(buffers=True) as txn:
+                stored = txn.get(digest, db=seg.chunks)
+                if stored is None:
+                    return None
+                tail = txn.get(digest, db=seg.tails)
+                return bytes(stored) + (bytes(tail) if tail is not None else b"")
+        finally:
+            self.release(seg)
+
+    def existing(self) -> list[int]:
+        """Ids of the segment files on disk."""
+        out = []
+        for p in self.dir.glob("*.mdb"):
+            with contextlib.suppress(ValueError):
+                out.append(int(p.stem))
+        return sorted(out)
+
+    def file_bytes(self, sid: int) -> int:
+        try:
+            return os.stat(self.path(sid)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        with self._lock:
+            for seg in self._open.values():
+                seg.close()
+            self._open.clear()
+
+
+class SegmentReader:
+    """The segment read transactions one store read uses, opened as needed, ended together."""
+
+    def __init__(self, segments: SegmentSet) -> None:
+        self.segments = segments
+        self._txns: dict[int, tuple[Segment, Any]] = {}
+
+    def get(self, sid: int, digest: bytes) -> tuple[memoryview | None, memoryview | None]:
+        """(stored value, tail) of ``digest`` in segment ``sid``; valid until :meth:`close`."""
+        entry = self._txns.get(sid)
+        if entry is None:
+            seg = self.segments.acquire(sid)
+            try:
+                txn = seg.env.begin(buffers=True)
+            except BaseException:
+                self.segments.release(seg)
+                raise
+            entry = self._txns[sid] = (seg, txn)
+        seg, txn = entry
+        stored = txn.get(digest, db=seg.chunks)
+        if stored is None:
+            return None, None
+        tail = txn.get(digest, db=seg.tails)
+        return stored, tail
+
+    def close(self) -> None:
+        for seg, txn in self._txns.values():
+            txn.abort()
+            self.segments.release(seg)
+        self._txns.clear()
+
+
+def disk_free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+FULL_MARGIN = 16 << 20
+"""Below this much free space, a failed write is taken for a full disk."""
+
+
+def _translate(exc: lmdb.Error, where: Path) -> StoreError:
+    from nbdsink.store.errors import StoreFull
+
+    text = str(exc)
+    # LMDB reports a write that found the disk full as EIO: tell them apart by the room left.
+    if "No space left" in text or disk_free(where) < FULL_MARGIN:
+        return StoreFull(f"disk full: {text}")
+    return StoreError(f"LMDB error in a segment: {text}")
