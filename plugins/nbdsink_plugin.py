@@ -34,6 +34,7 @@ def _add_site_dirs() -> None:
 
 _add_site_dirs()
 
+from nbdsink.server.maintenance import run_maintenance  # noqa: E402
 from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
 from nbdsink.store import Store  # noqa: E402
 from nbdsink.store.serve_lock import take_serve_lock  # noqa: E402
@@ -120,6 +121,8 @@ def after_fork() -> None:
     _heads = Heads(_store, batch_bytes=batch)
     threading.Thread(target=_heads.run_idle_saver, args=(_stop,), daemon=True,
                      name="nbdsink-idle-saver").start()
+    threading.Thread(target=run_maintenance, args=(_store, _stop, nbdkit.debug), daemon=True,
+                     name="nbdsink-maintenance").start()
 
 
 def cleanup() -> None:
@@ -163,6 +166,10 @@ def open(readonly: bool) -> Session:  # nbdkit's callback name shadows the built
         nbdkit.debug(f"open {name!r}: {exc}")
         _fail(exc)
         raise
+
+
+def close(h: Session) -> None:
+    h.close()
 
 
 def export_description(h: Session) -> str:

@@ -15,6 +15,7 @@ from nbdsink.errors import NbdsinkError
 from nbdsink.server.exports import ExportName, parse_export_name
 from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
 from nbdsink.store.head import DEFAULT_BATCH_BYTES, MAX_BATCH_AGE, Head, block_is_data, read_into
+from nbdsink.store.readers import ReaderLock
 
 MAX_REQUEST = 32 << 20
 """Largest request advertised: the Linux nbd driver and qemu-nbd both stop at 32 MiB."""
@@ -124,6 +125,7 @@ class Session:
         except NbdsinkError as exc:
             raise SessionError(str(exc), errno.ENOENT) from exc
         self.head: Head | None = None
+        self._reader: ReaderLock | None = None
         self.version = 0
         self.version_info: VersionInfo | None = None
         if self.name.kind == "head":
@@ -133,9 +135,20 @@ class Session:
             self.readonly = True
             try:
                 self.version = self._resolve_version()
+                # Held while connected: pruning leaves this version alone until then. Taken
+                # before the version is looked up, so a prune that won the race shows as a
+                # version that is gone, never as one changing under the reader.
+                self._reader = ReaderLock(store.path, self.volume.id, self.version)
                 self.version_info = store.version(self.volume, self.version)
             except StoreError as exc:
+                self.close()
                 raise SessionError(str(exc), errno.ENOENT) from exc
+
+    def close(self) -> None:
+        """The connection ended: a version it read may be pruned again."""
+        if self._reader is not None:
+            self._reader.release()
+            self._reader = None
 
     def _resolve_version(self) -> int:
         if self.name.kind == "version":

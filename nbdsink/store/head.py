@@ -24,6 +24,7 @@ import lmdb
 
 from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
+from nbdsink.store.segments import SegmentGone
 from nbdsink.store.store import (
     MAX_BLOCK_SIZE,
     PendingCounters,
@@ -323,9 +324,16 @@ class Head:
 
         try:
             referenced = {d for d in batch.blocks.values() if d is not None}
-            located = self.store.save_chunks(
-                {d: c for d, c in batch.chunks.items() if d in referenced})
-            return self.store.write(save_in)
+            chunks = {d: c for d, c in batch.chunks.items() if d in referenced}
+            for attempt in range(3):
+                located = self.store.save_chunks(chunks)
+                try:
+                    return self.store.write(save_in)
+                except SegmentGone:
+                    # Another process compacted the segment these went to: write them again.
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
         except BaseException:
             with self._lock:
                 batch.absorb(self._filling)

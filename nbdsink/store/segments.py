@@ -24,6 +24,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ class SegmentSet:
             else:
                 seg.retired = True
 
-    def write(self, sid: int, chunks: list[tuple[bytes, bytes | bytearray]]) -> int:
+    def write(self, sid: int, chunks: Sequence[tuple[bytes, bytes | bytearray]]) -> int:
         """Store ``(digest, encoded chunk)`` pairs in segment ``sid`` and make them durable;
         returns the segment's bytes in use afterwards. Digests it holds already are skipped."""
         need = sum(len(c) for _, c in chunks) + (1 << 20)

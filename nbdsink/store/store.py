@@ -13,6 +13,10 @@ with named sub-databases (keys in :mod:`nbdsink.store.keys`):
 - ``refs``:     digest -> u64 number of map entries (of any version, pending ones included)
 - ``garbage``:  digest -> time (f64) its references fell to zero
 - ``pins``:     (volume id, version) -> JSON {note, time}
+- ``changes``:  (volume id, version, block) -> b"": the blocks each version has map entries
+  for, so that pruning a version costs what it changed
+- ``pruning``:  (volume id, version) -> JSON {into}: a version being pruned (its record is
+  gone; its entries are still being merged into the next version)
 - ``pending``:  volume id -> JSON counters of the pending (uncommitted) version
 - ``chunks``, ``chunk_tails``: chunk data of a format-2 store, read in place as segment 0
   until compaction moves them out
@@ -51,7 +55,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -335,6 +339,8 @@ class Store:
         self._refs = self.env.open_db(b"refs")
         self._garbage = self.env.open_db(b"garbage")
         self._pins = self.env.open_db(b"pins")
+        self._changes = self.env.open_db(b"changes")
+        self._pruning = self.env.open_db(b"pruning")
         self._page_size = int(self.env.stat()["psize"])
         self._writeback = WritebackKicker(self.path / "data.mdb")
         self.segments = SegmentSet(self.path)
@@ -423,6 +429,8 @@ class Store:
                     if value:
                         self._incref(txn, value)
                     last = bytes(cur.key())
+                    vid, block, version = keys.unpack_map_key(last)
+                    txn.put(keys.change_key(vid, version, block), b"", db=self._changes)
                     n += 1
                     found = cur.next()
                 return last if found else None
@@ -789,7 +797,7 @@ class Store:
 
     # -- saving batches -------------------------------------------------------------------------
 
-    def save_chunks(self, chunks: dict[bytes, bytearray | bytes]) -> dict[bytes, Location]:
+    def save_chunks(self, chunks: Mapping[bytes, bytearray | bytes]) -> dict[bytes, Location]:
         """Write the chunks the store does not index yet to the active segment, durably.
 
         Returns where each one went; give that to :meth:`stage_blocks` (in the main
@@ -926,12 +934,14 @@ class Store:
             if digest == previous:
                 if had_pending is not None:
                     txn.delete(pending_key, db=self._map)
+                    txn.delete(keys.change_key(vid, pending, block), db=self._changes)
                     counters.blocks_changed -= 1
                 continue
             txn.put(pending_key, digest or b"", db=self._map)
             if digest is not None:
                 self._incref(txn, digest)
             if had_pending is None:
+                txn.put(keys.change_key(vid, pending, block), b"", db=self._changes)
                 counters.blocks_changed += 1
         self._add_live(txn, live)
 
@@ -947,6 +957,9 @@ class Store:
                 self._repoint(txn, digest, loc, new, live)
             return
         new = located.get(digest)
+        if new is not None and self._segment_record(txn, new.segment)["state"] == "retired":
+            # Written to a segment another process compacted away meanwhile: write again.
+            raise SegmentGone(f"segment {new.segment} was compacted away during a save")
         if new is None:
             # The writer took the chunk as stored. A map entry without its chunk would be
             # a version that can never be read back: refuse.

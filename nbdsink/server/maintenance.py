@@ -1,0 +1,71 @@
+"""What ``nbdsink serve`` does by itself in the background: apply every volume's retention
+policy after commits, sweep unreferenced chunks, compact sealed segments that fell low,
+finish prunes and volume deletions a crash interrupted.
+
+Each step works in short transactions of the store (see :mod:`nbdsink.store.reclaim`), so
+ingest and reads go on meanwhile; a pass is bounded in time and the next one continues.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from nbdsink.errors import NbdsinkError
+from nbdsink.store import Store, reclaim
+
+PASS_INTERVAL = 5.0
+"""Seconds between two passes."""
+PRUNE_INTERVAL = 10.0
+"""A volume's policy is applied at most this often (and only after it committed)."""
+PASS_BUDGET = 2.0
+"""Seconds a pass may spend sweeping and compacting before it yields to the next one."""
+COMPACT_MIN_DEAD = 0.25
+"""A sealed segment is compacted once a quarter of it is dead data."""
+
+
+class Maintenance:
+    """One store's background upkeep (one instance per server process)."""
+
+    def __init__(self, store: Store, log: Callable[[str], None] = lambda _m: None) -> None:
+        self.store = store
+        self.log = log
+        self._pruned_at: dict[str, tuple[float, int]] = {}
+
+    def run_pass(self) -> None:
+        store = self.store
+        reclaim.finish_pruning(store)
+        reclaim.finish_deletions(store)
+        now = time.monotonic()
+        for volume in store.volumes():
+            if not volume.retention:
+                continue
+            latest = store.latest_version(volume)
+            last_time, last_latest = self._pruned_at.get(volume.name, (0.0, -1))
+            if latest == last_latest or now - last_time < PRUNE_INTERVAL:
+                continue
+            report = reclaim.prune(store, volume)
+            self._pruned_at[volume.name] = (now, latest)
+            if report.pruned:
+                self.log(f"pruned {volume.name}@{','.join(map(str, report.pruned))} "
+                         f"({report.policy})")
+        deadline = time.monotonic() + PASS_BUDGET
+        swept = reclaim.sweep(store, deadline=deadline)
+        if swept.chunks:
+            self.log(f"swept {swept.chunks} unreferenced chunks ({swept.bytes} bytes)")
+        retired = reclaim.compact(store, min_dead=COMPACT_MIN_DEAD, deadline=deadline)
+        if retired:
+            self.log(f"compacted away segment(s) {', '.join(map(str, retired))}")
+
+
+def run_maintenance(store: Store, stop: threading.Event,
+                    log: Callable[[str], None] = lambda _m: None) -> None:
+    """Passes of :class:`Maintenance` until ``stop`` is set (run it in a daemon thread)."""
+    upkeep = Maintenance(store, log)
+    while not stop.wait(PASS_INTERVAL):
+        try:
+            upkeep.run_pass()
+        except NbdsinkError as exc:
+            # A full disk, say: the next pass tries again; nothing half-done is visible.
+            log(f"maintenance: {exc}")

@@ -1,0 +1,603 @@
+"""Giving space back: pruning versions, sweeping unreferenced chunks, compacting segments,
+deleting volumes. Part of the store layer: it works on :class:`Store`'s databases directly.
+
+The rule (docs/store.md, "Reclaiming space"): a chunk is deleted only when nothing can reach
+it: no committed version, no pending version, no pin, no clone base and no open reader. Each
+step keeps it:
+
+- **Pruning** version V (never the newest, a pinned one, a clone's base, or one a connection
+  is reading: see :mod:`nbdsink.store.readers`) first deletes V's record and leaves a
+  tombstone naming the next version W, in one transaction; then, in short transactions, each
+  of V's map entries is moved to W when W has no entry of its own for that block (W went on
+  showing it), or dropped (one reference less) when W has one. A crash leaves the tombstone,
+  and the next pass finishes the merge. Readers of every other version see the same bytes
+  before, during and after.
+- **Sweeping**: a chunk whose reference count fell to zero is deleted from the index once it
+  has been unreferenced for a grace period, re-checked in the deleting transaction; a writer
+  that took it as stored revives it first (see ``GARBAGE_GRACE_SECONDS``).
+- **Compacting** a sealed segment copies its live chunks into the active segment (durably),
+  repoints the index in one transaction, and retires the segment only if nothing points into
+  it any more, in that same transaction; the file is deleted once no reader uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from nbdsink.store import keys
+from nbdsink.store.chunks import HEADER_SIZE
+from nbdsink.store.errors import StoreError, UnknownVolume
+from nbdsink.store.readers import PruneLock
+from nbdsink.store.retention import Candidate, Policy, select
+from nbdsink.store.segments import SegmentGone
+from nbdsink.store.store import (
+    FLAG_DAMAGED,
+    FLAG_NO_CHECKSUM,
+    GARBAGE_GRACE_SECONDS,
+    Location,
+    Reading,
+    Store,
+    VolumeInfo,
+    _data_check,
+    _seg_key,
+    _u32,
+    _unpack_u32,
+    checksum,
+)
+
+BATCH = 2000
+"""Entries per transaction: each stays a few milliseconds, so ingest and reads go on."""
+COPY_BATCH_BYTES = 16 << 20
+"""Data copied per step of a compaction."""
+
+
+# -- pruning --------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneReport:
+    """What a prune decided (``kept``: version -> the rule or protection that kept it)."""
+
+    volume: str
+    policy: str
+    kept: dict[int, str] = field(default_factory=dict)
+    pruned: list[int] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_json(self, versions: list[tuple[int, str]]) -> dict[str, Any]:
+        return {
+            "volume": self.volume,
+            "policy": self.policy,
+            "dry_run": self.dry_run,
+            "versions": [
+                {"version": v, "time": t, "kept": v in self.kept, "rule": self.kept.get(v)}
+                for v, t in versions
+            ],
+            "pruned": self.pruned,
+        }
+
+
+def protections(store: Store, volume: VolumeInfo) -> dict[int, str]:
+    """Versions that no policy may prune, with why: pinned, clone bases."""
+    out: dict[int, str] = {}
+    for v in store.versions(volume):
+        if v.pinned is not None:
+            out[v.version] = "pinned"
+    for other in store.volumes():
+        if other.parent == volume.name and other.base is not None:
+            out.setdefault(other.base, f"base of clone {other.name}")
+    return out
+
+
+def prune(store: Store, volume: VolumeInfo, override: Policy | None = None,
+          dry_run: bool = False) -> PruneReport:
+    """Apply the volume's policy (``override``'s rules win) and prune what it does not keep.
+
+    A volume with no policy (and no override) keeps everything. Versions a connection is
+    reading are kept this time ("open reader") and pruned by a later pass.
+    """
+    finish_pruning(store)
+    stored = Policy.from_json(volume.retention or {})
+    policy = stored.merged(override) if override is not None else stored
+    report = PruneReport(volume.name, policy.describe(), dry_run=dry_run)
+    versions = store.versions(volume)
+    if policy.is_empty():
+        report.kept = {v.version: "no policy" for v in versions}
+        return report
+    protected = protections(store, volume)
+    candidates = [Candidate(v.version, v.timestamp, protected.get(v.version)) for v in versions]
+    decided = select(candidates, policy)
+    report.kept = {v: r for v, r in decided.items() if r is not None}
+    doomed = sorted(v for v, r in decided.items() if r is None)
+    if dry_run:
+        report.pruned = doomed
+        return report
+    locks = PruneLock(store.path)
+    try:
+        for version in doomed:
+            if not locks.try_take(volume.id, version):
+                report.kept[version] = "open reader"
+                continue
+            try:
+                if _start_prune(store, volume, version):
+                    report.pruned.append(version)
+                else:
+                    report.kept[version] = "newest"
+            finally:
+                locks.give_back(volume.id, version)
+            finish_pruning(store)
+    finally:
+        locks.close()
+    return report
+
+
+def _start_prune(store: Store, volume: VolumeInfo, version: int) -> bool:
+    """Delete ``version``'s record and leave the tombstone (one transaction)."""
+    vid = volume.id
+
+    def mark(txn: lmdb.Transaction) -> bool:
+        key = keys.version_key(vid, version)
+        if txn.get(key, db=store._versions) is None or txn.get(key, db=store._pins) is not None:
+            return False
+        into = _next_version(store, txn, vid, version)
+        if into is None:
+            return False  # the newest: never pruned
+        txn.delete(key, db=store._versions)
+        txn.put(key, json.dumps({"into": into, "time": time.time()}).encode(), db=store._pruning)
+        return True
+    done = store.write(mark)
+    if done:
+        store.sync()
+    return done
+
+
+def _next_version(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int | None:
+    cur = txn.cursor(db=store._versions)
+    if not cur.set_range(keys.version_key(vid, version + 1)):
+        return None
+    key_vid, nxt = keys.unpack_version_key(bytes(cur.key()))
+    return nxt if key_vid == vid else None
+
+
+def finish_pruning(store: Store) -> int:
+    """Merge the entries of every version whose pruning started (after a crash too)."""
+    todo = store.read(lambda r: [
+        (keys.unpack_version_key(bytes(k)), json.loads(bytes(v))["into"])
+        for k, v in r.txn.cursor(db=store._pruning)])
+    for (vid, version), into in todo:
+        while not _merge_step(store, vid, version, into):
+            pass
+    return len(todo)
+
+
+def _merge_step(store: Store, vid: int, version: int, into: int) -> bool:
+    """Move or drop up to BATCH entries of ``version`` into ``into``; True when done."""
+    def step(txn: lmdb.Transaction) -> bool:
+        cur = txn.cursor(db=store._changes)
+        prefix = keys.change_key(vid, version, 0)[:12]
+        moved = 0
+        n = 0
+        if cur.set_range(prefix):
+            while n < BATCH and bytes(cur.key())[:12] == prefix:
+                _, _, block = keys.unpack_change_key(bytes(cur.key()))
+                old_key = keys.map_key(vid, block, version)
+                value = txn.get(old_key, db=store._map)
+                new_key = keys.map_key(vid, block, into)
+                if value is not None:
+                    if txn.get(new_key, db=store._map) is not None:
+                        if len(value):
+                            store._decref(txn, bytes(value))
+                    else:
+                        txn.put(new_key, bytes(value), db=store._map)
+                        txn.put(keys.change_key(vid, into, block), b"", db=store._changes)
+                        moved += 1
+                    txn.delete(old_key, db=store._map)
+                if not cur.delete():
+                    break
+                n += 1
+        if moved:
+            vkey = keys.version_key(vid, into)
+            raw = txn.get(vkey, db=store._versions)
+            if raw is not None:
+                rec = json.loads(bytes(raw))
+                rec["blocks_changed"] = int(rec["blocks_changed"]) + moved
+                txn.put(vkey, json.dumps(rec).encode(), db=store._versions)
+        if n < BATCH:
+            txn.delete(keys.version_key(vid, version), db=store._pruning)
+            return True
+        return False
+    return store.write(step)
+
+
+def apply_policies(store: Store) -> list[PruneReport]:
+    """Prune every volume that has a retention policy (what ``serve`` runs by itself)."""
+    return [prune(store, v) for v in store.volumes() if v.retention]
+
+
+# -- sweeping unreferenced chunks -----------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    chunks: int = 0
+    bytes: int = 0
+
+
+def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
+          deadline: float | None = None) -> SweepReport:
+    """Delete from the index the chunks unreferenced for longer than ``grace`` seconds."""
+    report = SweepReport()
+    after = b""
+    while deadline is None or time.monotonic() < deadline:
+        def step(txn: lmdb.Transaction, after: bytes = after) -> tuple[bytes | None, int, int]:
+            cur = txn.cursor(db=store._garbage)
+            found = cur.set_range(after) if after else cur.first()
+            limit = time.time() - grace
+            live: dict[int, int] = {}
+            chunks = nbytes = 0
+            n = 0
+            last = None
+            while found and n < BATCH:
+                digest = bytes(cur.key())
+                last = digest
+                n += 1
+                since = _time(cur.value())
+                if since > limit:
+                    found = cur.next()
+                    continue
+                if txn.get(digest, db=store._refs) is None:
+                    raw = txn.get(digest, db=store._index)
+                    if raw is not None:
+                        loc = Location.decode(raw)
+                        txn.delete(digest, db=store._index)
+                        txn.delete(_seg_key(loc.segment, digest), db=store._seg_chunks)
+                        live[loc.segment] = live.get(loc.segment, 0) - loc.length
+                        chunks += 1
+                        nbytes += loc.length
+                cur.delete()  # moves to the next record, if there is one
+                found = bool(cur.key())
+            store._add_live(txn, live)
+            return (last if found else None), chunks, nbytes
+        nxt, chunks, nbytes = store.write(step)
+        report.chunks += chunks
+        report.bytes += nbytes
+        if nxt is None:
+            break
+        after = nxt
+    return report
+
+
+def _time(raw: bytes | memoryview) -> float:
+    import struct
+
+    return float(struct.unpack(">d", bytes(raw))[0])
+
+
+# -- compacting segments --------------------------------------------------------------------
+
+
+@dataclass
+class SegmentUsage:
+    id: int
+    state: str
+    live: int
+    used: int
+
+    @property
+    def dead_fraction(self) -> float:
+        return 0.0 if self.used <= 0 else max(0.0, 1.0 - self.live / self.used)
+
+
+def segment_usage(store: Store) -> list[SegmentUsage]:
+    records = store.read(lambda r: {
+        _unpack_u32(k): json.loads(bytes(v)) for k, v in r.txn.cursor(db=store._segments_db)})
+    out = []
+    for sid, rec in sorted(records.items()):
+        if rec["state"] == "retired":
+            continue
+        if sid == 0:
+            used = _legacy_bytes(store)
+        else:
+            try:
+                seg = store.segments.acquire(sid)
+            except SegmentGone:
+                continue
+            except StoreError:
+                used = 0
+            else:
+                try:
+                    used = seg.used_bytes()
+                finally:
+                    store.segments.release(seg)
+        out.append(SegmentUsage(sid, rec["state"], int(rec.get("live", 0)), used))
+    return out
+
+
+def _legacy_bytes(store: Store) -> int:
+    def measure(r: Reading) -> int:
+        total = 0
+        for db in (store._chunks, store._tails):
+            st = r.txn.stat(db)
+            total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+        return total
+    return store.read(measure)
+
+
+def compact(store: Store, min_dead: float = 0.25, seal_active: bool = False,
+            deadline: float | None = None) -> list[int]:
+    """Compact away every sealed segment with at least ``min_dead`` of it dead; with
+    ``seal_active``, seal the active segment first when it holds dead data (so that all of
+    it can go). Returns the segments retired."""
+    if seal_active:
+        for u in segment_usage(store):
+            if u.state == "active" and u.live < u.used * (1 - min_dead) and u.used > (1 << 20):
+                with store.segments.write_lock:
+                    store._seal(u.id)
+    retired = []
+    for u in segment_usage(store):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        wanted = u.state == "sealed" and (u.dead_fraction >= min_dead or u.live == 0)
+        if wanted and compact_segment(store, u.id):
+            retired.append(u.id)
+    return retired
+
+
+def compact_segment(store: Store, sid: int) -> bool:
+    """Move segment ``sid``'s live chunks to the active segment and retire it."""
+    while True:
+        digests = store.read(lambda r: _live_digests(store, r, sid, limit=4096))
+        if not digests:
+            break
+        batch: list[tuple[bytes, bytes, Location]] = []
+        size = 0
+        for d in digests:
+            found = _read_encoded(store, sid, d)
+            if found is None:
+                continue
+            encoded, loc = found
+            batch.append((d, encoded, loc))
+            size += len(encoded)
+            if size >= COPY_BATCH_BYTES:
+                _move(store, sid, batch)
+                batch, size = [], 0
+        if batch:
+            _move(store, sid, batch)
+
+    def retire(txn: lmdb.Transaction) -> bool:
+        cur = txn.cursor(db=store._seg_chunks)
+        if cur.set_range(_u32(sid)) and bytes(cur.key())[:4] == _u32(sid):
+            return False  # something was indexed into it meanwhile: another pass
+        rec = store._segment_record(txn, sid)
+        rec.update(state="retired", live=0)
+        txn.put(_u32(sid), json.dumps(rec).encode(), db=store._segments_db)
+        if sid == 0:
+            txn.drop(store._chunks, delete=False)
+            txn.drop(store._tails, delete=False)
+        return True
+    if not store.write(retire):
+        return False
+    store.sync()
+    if sid != 0:
+        store.segments.retire(sid)
+    return True
+
+
+def _live_digests(store: Store, r: Reading, sid: int, limit: int) -> list[bytes]:
+    cur = r.txn.cursor(db=store._seg_chunks)
+    out: list[bytes] = []
+    prefix = _u32(sid)
+    if cur.set_range(prefix):
+        for k in cur.iternext(keys=True, values=False):
+            k = bytes(k)
+            if k[:4] != prefix or len(out) >= limit:
+                break
+            out.append(k[4:])
+    return out
+
+
+def _read_encoded(store: Store, sid: int, digest: bytes) -> tuple[bytes, Location] | None:
+    def get(r: Reading) -> tuple[bytes, Location] | None:
+        loc = store.locate(r, digest)
+        if loc is None or loc.segment != sid:
+            return None
+        if sid == 0:
+            stored, tail = r.txn.get(digest, db=store._chunks), r.txn.get(digest, db=store._tails)
+        else:
+            stored, tail = r.segments.get(sid, digest)
+        if stored is None:
+            return bytes(HEADER_SIZE), Location(sid, loc.length, 0, FLAG_DAMAGED)
+        encoded = bytes(stored) + (bytes(tail) if tail is not None else b"")
+        flags = loc.flags & FLAG_DAMAGED
+        if not loc.flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != loc.check:
+            flags |= FLAG_DAMAGED  # moved as it is, and still known to be damaged
+        return encoded, Location(sid, loc.length, loc.check, flags)
+    return store.read(get)
+
+
+def _move(store: Store, sid: int, batch: list[tuple[bytes, bytes, Location]]) -> None:
+    """Copy ``batch`` to the active segment (durably), then repoint what still points here."""
+    for _attempt in range(3):
+        with store.segments.write_lock:
+            active = store._active_segment()
+            items = [(d, e) for d, e, loc in batch if len(e) > HEADER_SIZE]
+            used = store.segments.write(active, items) if items else 0
+            if used >= store.segments.segment_bytes:
+                store._seal(active)
+
+        def repoint(txn: lmdb.Transaction, active: int = active) -> None:
+            if store._segment_record(txn, active)["state"] == "retired":
+                raise SegmentGone(f"segment {active} was compacted away")
+            live: dict[int, int] = {}
+            for d, encoded, old in batch:
+                raw = txn.get(d, db=store._index)
+                if raw is None or Location.decode(raw).segment != sid:
+                    continue  # swept or moved meanwhile
+                if len(encoded) <= HEADER_SIZE:
+                    new = Location(sid, old.length, old.check, FLAG_DAMAGED)
+                    txn.put(d, new.encode(), db=store._index)
+                    continue
+                flags = old.flags & FLAG_DAMAGED
+                data = memoryview(encoded)[HEADER_SIZE:]
+                new = Location(active, old.length, checksum(data) if not flags else old.check, flags)
+                store._repoint(txn, d, Location.decode(raw), new, live)
+                if sid == 0:
+                    txn.delete(d, db=store._chunks)
+                    txn.delete(d, db=store._tails)
+            store._add_live(txn, live)
+        try:
+            store.write(repoint)
+            return
+        except SegmentGone:
+            continue
+    raise StoreError(f"could not move the chunks of segment {sid}")
+
+
+# -- deleting a volume ----------------------------------------------------------------------
+
+
+def delete_volume(store: Store, name: str) -> None:
+    """Delete volume ``name`` and every version of it (the space comes back with the next
+    sweep and compaction). Refused while a clone is based on one of its versions."""
+    volume = store.volume(name)
+    clones = [v.name for v in store.volumes() if v.parent == name]
+    if clones:
+        raise StoreError(f"volume {name!r} is the base of clone(s) {', '.join(clones)}: "
+                         "delete those first")
+
+    def mark(txn: lmdb.Transaction) -> None:
+        if txn.get(name.encode(), db=store._volumes) is None:
+            raise UnknownVolume(f"no volume named {name!r}")
+        txn.delete(name.encode(), db=store._volumes)
+        txn.put(b"deleting:" + _u32(volume.id), name.encode(), db=store._meta)
+    store.write(mark)
+    store.sync()
+    finish_deletions(store)
+
+
+def finish_deletions(store: Store) -> int:
+    """Remove what volumes being deleted still hold (after a crash too)."""
+    todo = store.read(lambda r: [
+        _unpack_u32(bytes(k)[len(b"deleting:"):]) for k, _ in _prefixed(r.txn.cursor(db=store._meta),
+                                                                      b"deleting:")])
+    for vid in todo:
+        for db in (store._map, store._changes, store._versions, store._pins, store._pruning):
+            while not _drop_prefix(store, db, _u32(vid), decref=db is store._map):
+                pass
+
+        def finish(txn: lmdb.Transaction, vid: int = vid) -> None:
+            txn.delete(keys.volume_id_key(vid), db=store._pending)
+            txn.delete(b"last_version:" + _u32(vid), db=store._meta)
+            txn.delete(b"deleting:" + _u32(vid), db=store._meta)
+        store.write(finish)
+    if todo:
+        store.sync()
+    return len(todo)
+
+
+def _prefixed(cur: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    if cur.set_range(prefix):
+        for k, v in cur:
+            if not bytes(k).startswith(prefix):
+                break
+            out.append((bytes(k), bytes(v)))
+    return out
+
+
+def _drop_prefix(store: Store, db: Any, prefix: bytes, decref: bool) -> bool:
+    def step(txn: lmdb.Transaction) -> bool:
+        cur = txn.cursor(db=db)
+        n = 0
+        if not cur.set_range(prefix):
+            return True
+        while bytes(cur.key()).startswith(prefix):
+            if decref and len(cur.value()):
+                store._decref(txn, bytes(cur.value()))
+            n += 1
+            if not cur.delete() or n >= BATCH:
+                break
+        return n < BATCH
+    return store.write(step)
+
+
+# -- usage ----------------------------------------------------------------------------------
+
+
+def usage(store: Store, per_volume: bool = True) -> dict[str, Any]:
+    """What ``nbdsink df`` shows: per volume and in total, logical bytes (the newest version's
+    data), referenced bytes (distinct chunks its versions use), and for the store the bytes
+    its segments hold and the bytes on disk."""
+    volumes = []
+    if per_volume:
+        for v in store.volumes():
+            volumes.append(_volume_usage(store, v))
+
+    def totals(r: Reading) -> int:
+        referenced = 0
+        for digest, raw in r.txn.cursor(db=store._index):
+            if r.txn.get(bytes(digest), db=store._refs) is not None:
+                referenced += Location.decode(raw).length
+        return referenced
+    referenced = store.read(totals)
+    segments = segment_usage(store)
+    return {
+        "volumes": volumes,
+        "total": {
+            "logical_bytes": sum(int(v["logical_bytes"]) for v in volumes),
+            "referenced_bytes": referenced,
+            "stored_bytes": sum(u.used for u in segments),
+            "disk_bytes": _du(store.path),
+            "segments": len(segments),
+        },
+    }
+
+
+def _volume_usage(store: Store, volume: VolumeInfo) -> dict[str, Any]:
+    latest = store.latest_version(volume)
+
+    def scan(r: Reading) -> tuple[int, int]:
+        digests: set[bytes] = set()
+        cur = r.txn.cursor(db=store._map)
+        prefix = _u32(volume.id)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if bytes(k)[:4] != prefix:
+                    break
+                if len(v):
+                    digests.add(bytes(v))
+        referenced = 0
+        for d in digests:
+            loc = store.locate(r, d)
+            if loc is not None:
+                referenced += loc.length
+        data_blocks = 0
+        if latest:
+            block = 0
+            while block < volume.blocks:
+                n = min(65536, volume.blocks - block)
+                data_blocks += sum(1 for d in store.block_digests(r, volume, latest, block, n) if d)
+                block += n
+        return data_blocks * volume.block_size, referenced
+    logical, referenced = store.read(scan)
+    return {"name": volume.name, "versions": len(store.versions(volume)),
+            "logical_bytes": logical, "referenced_bytes": referenced}
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
