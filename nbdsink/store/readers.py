@@ -37,6 +37,7 @@ class ReaderLock:
     """A reader's hold on (volume, version); :meth:`release` (or closing) ends it."""
 
     def __init__(self, store_dir: Path, volume_id: int, version: int) -> None:
+        self._fd = -1
         self._fd = os.open(store_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         # Waits while a prune of this very version holds it: the caller then finds the
         # version gone and says so.
@@ -46,6 +47,11 @@ class ReaderLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:
+        # A reader dropped without release() (a session nobody closed) must not keep its
+        # version from being pruned for the rest of the process.
+        self.release()
 
 
 class PruneLock:
