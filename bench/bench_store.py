@@ -107,13 +107,15 @@ def commits_only(path: Path, src: Path, size: int) -> float:
         with open(src, "rb") as f:
             block = 0
             while data := f.read(DEFAULT_BATCH_BYTES):
-                staged: list[tuple[int, bytes | None, bytes | bytearray | None]] = [
-                    (block + i, digest(data[o : o + bs]), encode_chunk(data[o : o + bs]))
-                    for i, o in enumerate(range(0, len(data), bs))]
+                chunks = {digest(data[o : o + bs]): encode_chunk(data[o : o + bs])
+                          for o in range(0, len(data), bs)}
+                staged = [(block + i, d) for i, d in enumerate(chunks)]
                 block += len(staged)
                 start = time.perf_counter()
+                located = store.save_chunks(chunks)
                 store.write(functools.partial(store.stage_blocks, volume=volume,
-                                              counters=counters, blocks=staged))
+                                              counters=counters, blocks=staged,
+                                              located=located))
                 elapsed += time.perf_counter() - start
         start = time.perf_counter()
         store.sync()

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import site
 import sys
 import threading
@@ -106,9 +107,18 @@ def _tune_malloc() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE)
 
 
+def _raise_open_files_limit() -> None:
+    """Segment environments take two descriptors each: allow as many as the system lets."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def after_fork() -> None:
     # LMDB must not be opened before nbdkit forks into the background, so open here.
     global _store, _heads, _lock_fd
+    _raise_open_files_limit()
     # Before nbdkit starts the threads that serve connections, so they all use it.
     _tune_malloc()
     path = Path(_config["store"])
@@ -116,7 +126,7 @@ def after_fork() -> None:
     kwargs: dict[str, Any] = {}
     if "map_size" in _config:
         kwargs["map_size"] = int(nbdkit.parse_size(_config["map_size"]))
-    _store = Store(path, create=True, **kwargs)
+    _store = Store(path, create=True, serving=True, **kwargs)
     batch = int(nbdkit.parse_size(_config["batch_size"])) if "batch_size" in _config else None
     _heads = Heads(_store, batch_bytes=batch)
     threading.Thread(target=_heads.run_idle_saver, args=(_stop,), daemon=True,

@@ -34,7 +34,10 @@ from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_
 from nbdsink.store.errors import StoreError, StoreFormatError
 
 SEGMENT_DIR = "segments"
-DEFAULT_SEGMENT_BYTES = 1 << 30
+DEFAULT_SEGMENT_BYTES = 64 << 20
+"""A segment is sealed once it holds this much: small enough that compaction (which copies a
+segment's live part) is cheap and that dead data wait in at most one unsealed segment, large
+enough that a big store keeps a manageable number of files."""
 MAX_OPEN = 256
 """Segment environments kept open at once (each costs a descriptor and a mapping)."""
 

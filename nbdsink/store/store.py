@@ -71,6 +71,7 @@ from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
     StoreFull,
+    StoreLocked,
     UnknownVersion,
     UnknownVolume,
     VolumeExists,
@@ -307,8 +308,10 @@ class Store:
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
                  map_size: int = DEFAULT_MAP_SIZE,
-                 segment_bytes: int | None = None) -> None:
+                 segment_bytes: int | None = None, serving: bool = False) -> None:
         self.path = Path(path)
+        self._serving = serving
+        """True in the server, which holds the store's serve lock itself."""
         self._guard = _ResizeGuard()
         self._write_lock = threading.Lock()
         if self.path.exists() and not self.path.is_dir():
@@ -371,7 +374,7 @@ class Store:
                     f"{', '.join(map(str, READABLE_FORMATS))}"
                 )
         if fmt != STORE_FORMAT:
-            self._upgrade(header, segment_bytes)
+            self._upgrade_alone(header, segment_bytes)
         elif segment_bytes and segment_bytes != header.get("segment_bytes"):
             def put(txn: lmdb.Transaction) -> None:
                 txn.put(b"format", json.dumps({**header, "segment_bytes": segment_bytes}).encode(),
@@ -382,6 +385,26 @@ class Store:
         raw = self.read(lambda r: _bytes(r.txn.get(b"format", db=self._meta)))
         header = json.loads(raw) if raw else {}
         return int(header.get("segment_bytes") or DEFAULT_SEGMENT_BYTES)
+
+    def _upgrade_alone(self, header: dict[str, Any], segment_bytes: int | None) -> None:
+        """Upgrade, but only while no other process serves the store: an older server would
+        go on writing chunks where the upgraded store no longer looks for them."""
+        if self._serving:
+            self._upgrade(header, segment_bytes)
+            return
+        from nbdsink.store.serve_lock import take_serve_lock
+
+        try:
+            fd = take_serve_lock(self.path)
+        except StoreLocked:
+            raise StoreFormatError(
+                f"the store at {self.path} is in format {header['format']} and a server is "
+                "serving it: stop that server, then open the store with this nbdsink to "
+                "upgrade it") from None
+        try:
+            self._upgrade(header, segment_bytes)
+        finally:
+            os.close(fd)
 
     def _upgrade(self, header: dict[str, Any], segment_bytes: int | None) -> None:
         """Format 1/2 -> 3: index the chunks where they are (segment 0, without a checksum:

@@ -57,6 +57,7 @@ def test_kill9_during_prune_and_gc(tmp_path: Path) -> None:
     images: dict[int, bytes] = {}
     pool = [rng.randbytes(BS) for _ in range(8)]
     killed_mid_work = 0
+    work_seconds = 0.3
     for round_no in range(KILLS):
         head = Head(store, volume)
         for _ in range(3):
@@ -74,11 +75,15 @@ def test_kill9_during_prune_and_gc(tmp_path: Path) -> None:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"  # imported, store open: work starts
-        time.sleep(rng.uniform(0.0, 0.6))
+        started = time.monotonic()
+        # A moment inside the work, whose length the runs that were not killed tell.
+        time.sleep(rng.uniform(0.0, 0.9) * work_seconds)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed_mid_work += 1
         proc.wait()
+        if proc.returncode == 0:
+            work_seconds = max(0.05, time.monotonic() - started)
         if proc.returncode not in (0, -signal.SIGKILL):
             raise AssertionError(proc.stderr.read() if proc.stderr else "")
         store = Store(path)

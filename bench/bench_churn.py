@@ -1,0 +1,113 @@
+"""Churn: does the store stay small and fast when versions come and go for ever?
+
+    .venv/bin/python bench/bench_churn.py [--size 1G] [--cycles 200] [--churn 0.02]
+                                          [--keep-last 10] [--dir /var/tmp] [--reader]
+
+A volume of --size is filled once; then each cycle rewrites --churn of its blocks (chosen at
+random) with new random data and FLUSHes, through libnbd on one connection. The volume's
+policy is keep-last --keep-last; the server prunes, sweeps and compacts by itself in the
+background (as it does in production). With --reader, a client stays connected to version 1
+for the whole run (so version 1 and its data must be kept), as an attached DR copy would.
+
+Prints, at cycles 50, 100 and 200 (or the given fraction of --cycles):
+  on-disk / referenced   du of the store over the bytes the kept versions reference (target <= 1.3)
+and at the end:
+  last 10 / first 10     time of the last 10 cycles over the first 10 (target <= 1.1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append("/usr/lib/python3/dist-packages")  # Debian's libnbd bindings
+
+import nbd
+
+from nbdsink.testing import ServerProcess, run_cli
+from nbdsink.units import format_size, parse_size
+
+BS = 64 << 10
+
+
+def du(path: Path) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def referenced(store: Path) -> int:
+    report = json.loads(run_cli("df", "--json", "--store", str(store)).stdout)
+    return int(report["total"]["referenced_bytes"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=1 << 30)
+    parser.add_argument("--cycles", type=int, default=200)
+    parser.add_argument("--churn", type=float, default=0.02)
+    parser.add_argument("--keep-last", type=int, default=10)
+    parser.add_argument("--dir", default="/var/tmp")
+    parser.add_argument("--reader", action="store_true",
+                        help="keep a client attached to version 1 throughout")
+    args = parser.parse_args()
+    rng = random.Random(1)
+    blocks = args.size // BS
+    per_cycle = max(1, int(blocks * args.churn))
+    checkpoints = sorted({max(1, args.cycles * k // 4) for k in (1, 2, 4)})
+    with tempfile.TemporaryDirectory(prefix="nbdsink-churn-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        srv = ServerProcess(work / "store", work / "nbd.sock")
+        srv.create_volume("vol", args.size, BS)
+        run_cli("volume", "set", "vol", "--keep-last", str(args.keep_last),
+                "--store", str(srv.store))
+        with srv:
+            img = work / "fill.img"
+            with open(img, "wb") as f:
+                for _ in range(args.size // (4 << 20)):
+                    f.write(os.urandom(4 << 20))
+            subprocess.run(["nbdcopy", "--flush", str(img), srv.uri("vol")], check=True)
+            img.unlink()
+            reader = None
+            if args.reader:
+                reader = nbd.NBD()
+                reader.connect_uri(srv.uri("vol@1"))
+            h = nbd.NBD()
+            h.connect_uri(srv.uri("vol"))
+            times: list[float] = []
+            print(f"{format_size(args.size)} volume, {per_cycle} blocks "
+                  f"({format_size(per_cycle * BS)}) rewritten per cycle, keep-last "
+                  f"{args.keep_last}{', a reader on version 1' if reader else ''}")
+            for cycle in range(1, args.cycles + 1):
+                start = time.perf_counter()
+                for b in rng.sample(range(blocks), per_cycle):
+                    h.pwrite(os.urandom(BS), b * BS)
+                h.flush()
+                times.append(time.perf_counter() - start)
+                if reader is not None and cycle % 10 == 0:
+                    reader.pread(BS, rng.randrange(blocks) * BS)  # still readable
+                if cycle in checkpoints:
+                    time.sleep(6)  # one background pass settles what this cycle left
+                    disk, ref = du(srv.store), referenced(srv.store)
+                    print(f"cycle {cycle:>4}: on-disk {format_size(disk)}, referenced "
+                          f"{format_size(ref)}, on-disk / referenced {disk / ref:.2f}  "
+                          f"(target <= 1.3)")
+            h.shutdown()
+            if reader is not None:
+                reader.shutdown()
+        first, last = sum(times[:10]), sum(times[-10:])
+        print(f"last 10 / first 10 cycles: {last:.2f}s / {first:.2f}s = {last / first:.2f}  "
+              f"(target <= 1.1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
