@@ -131,8 +131,13 @@ def after_fork() -> None:
     _heads = Heads(_store, batch_bytes=batch)
     threading.Thread(target=_heads.run_idle_saver, args=(_stop,), daemon=True,
                      name="nbdsink-idle-saver").start()
-    threading.Thread(target=run_maintenance, args=(_store, _stop, nbdkit.debug), daemon=True,
+    threading.Thread(target=run_maintenance, args=(_store, _heads, _stop, _log), daemon=True,
                      name="nbdsink-maintenance").start()
+
+
+def _log(message: str) -> None:
+    """A line in the server's log (nbdkit's stderr), whatever nbdkit's verbosity."""
+    print(f"nbdsink: {message}", file=sys.stderr, flush=True)
 
 
 def cleanup() -> None:

@@ -20,6 +20,7 @@ import blake3
 import trio
 
 from nbdsink import nbd
+from nbdsink.contract import DIGEST_SIZE, digests_export
 from nbdsink.nbd import Connection, NBDOptionError, TLSConfig
 from nbdsink.sender.errors import VolumeMismatch
 from nbdsink.sender.plan import Extent
@@ -73,7 +74,8 @@ def block_size_from_description(description: str | None) -> int | None:
 class NbdRemote:
     """A connected head; implements :class:`nbdsink.sender.cycle.Remote`."""
 
-    def __init__(self, uri: str, conn: Connection, tls: TLSConfig | None) -> None:
+    def __init__(self, uri: str, conn: Connection, tls: TLSConfig | None,
+                 head_digests: Connection | None = None) -> None:
         self.uri = uri
         self.volume = volume_of(uri)
         self.conn = conn
@@ -81,6 +83,45 @@ class NbdRemote:
         self.size = conn.size
         # Another NBD server: its preferred block size is the best guess.
         self.block_size = block_size_from_description(conn.description) or conn.block_size[1]
+        self._head_digests = head_digests if self._is_digests_view(head_digests) else None
+
+    def _is_digests_view(self, conn: Connection | None) -> bool:
+        blocks = -(-self.size // self.block_size)
+        return conn is not None and conn.size == blocks * DIGEST_SIZE
+
+    @contextlib.asynccontextmanager
+    async def version_view(self, version: int) -> AsyncIterator[Connection | None]:
+        """A connection to the digests view of ``version`` (None if the server has none)."""
+        try:
+            async with nbd.connect(with_export(self.uri, digests_export(self.volume, version)),
+                                   self.tls) as view:
+                yield view if self._is_digests_view(view) else None
+        except NBDOptionError:
+            yield None
+
+    async def read_digests(self, view: Connection, offset: int, length: int) -> bytes:
+        """Digests of the chunks of ``[offset, offset+length)`` from a digests view."""
+        first = offset // self.block_size
+        count = -(-(offset + length) // self.block_size) - first
+        out = bytearray()
+        step = max(1, (1 << 20) // DIGEST_SIZE)  # 1 MiB of digests per request
+        for c in range(first, first + count, step):
+            n = min(step, first + count - c)
+            out += bytes(await view.pread(n * DIGEST_SIZE, c * DIGEST_SIZE))
+        return bytes(out)
+
+    async def version_digests(self, version: int | None, offset: int, length: int) -> bytes | None:
+        """Digests of the chunks of ``[offset, offset+length)`` in ``version`` (None: the
+        pending head), from the server's digests view; None if it offers none."""
+        if version is None:
+            if self._head_digests is None:
+                return None
+            return await self.read_digests(self._head_digests, offset, length)
+        async with self.version_view(version) as view:
+            return None if view is None else await self.read_digests(view, offset, length)
+
+    async def chunk_digests(self, offset: int, length: int) -> bytes | None:
+        return await self.version_digests(None, offset, length)
 
     def check(self, *, size: int, chunk_size: int | None) -> None:
         """The volume must have the device's size and the state's chunk size."""
@@ -138,8 +179,13 @@ class NbdRemote:
     async def digests(self, chunk_size: int) -> bytes:
         """blake3 of every chunk of the head (what a FLUSH would commit), in chunk order.
 
-        Zero ranges (from block status) are hashed locally, without reading them.
+        From the server's digests view when it has one; otherwise the data are read (zero
+        ranges, from block status, are hashed locally, without reading them).
         """
+        if chunk_size == self.block_size:
+            found = await self.version_digests(None, 0, self.size)
+            if found is not None:
+                return found
         zero_digest = blake3.blake3(bytes(chunk_size)).digest()
         zeros = await self.zero_extents()
         out = bytearray()
@@ -182,7 +228,12 @@ async def open_remote(
                 f"the server refused volume {volume!r}: {exc.message or exc} "
                 f"(create it on the backup host: nbdsink volume create {volume} --size SIZE)"
             ) from exc
-        yield NbdRemote(uri, conn, tls)
+        # The head's digests view (an nbdsink server has one): compare mode uses it.
+        head_digests: Connection | None = None
+        with contextlib.suppress(NBDOptionError):
+            head_digests = await stack.enter_async_context(
+                nbd.connect(with_export(uri, digests_export(volume)), tls))
+        yield NbdRemote(uri, conn, tls, head_digests)
 
 
 async def wait_ready(uri: str, timeout: float) -> None:

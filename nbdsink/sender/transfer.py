@@ -14,7 +14,9 @@ whatever the size of the work.
 
 In *compare* mode (the first sync against a remote that may already hold data, or a resync
 after the tracker lost track) each piece is compared with the remote first: chunks the
-remote already holds (equal blake3 digests, or zero on both sides) are not sent.
+remote already holds (equal blake3 digests, or zero on both sides) are not sent. An nbdsink
+server gives the digests (:mod:`nbdsink.contract`), so only they cross the network; with
+another server the data are read and hashed here.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class RemoteView(Protocol):
         ...
 
     async def pread(self, length: int, offset: int) -> bytes: ...
+
+    async def chunk_digests(self, offset: int, length: int) -> bytes | None:
+        """blake3 of each chunk of ``[offset, offset+length)`` as the remote holds it (a
+        damaged chunk never matches), or None when the remote cannot tell: then its data are
+        read and hashed here."""
+        ...
 
 
 Note = Callable[[int, bytes | None, int], None]
@@ -229,7 +237,11 @@ class Transfer:
                 elif note is not None:
                     note(op.offset, None, op.length)
             return writes, len(buf) - sum(op.length for op in writes)
-        theirs = await remote.pread(len(buf), off)
+        digests = await remote.chunk_digests(off, len(buf))
+        if digests is None:
+            theirs = await remote.pread(len(buf), off)
+            digests = b"".join(blake3.blake3(theirs[p : p + cs]).digest()
+                               for p in range(0, len(buf), cs))
         out: list[Op] = []
         skipped = 0
         run_start: int | None = None
@@ -240,9 +252,9 @@ class Transfer:
                 out.extend(ops_for_buffer(off + run_start, buf[run_start:end], cs))
                 run_start = None
 
-        for pos in range(0, len(buf), cs):
+        for i, pos in enumerate(range(0, len(buf), cs)):
             mine_chunk = buf[pos : pos + cs]
-            if blake3.blake3(mine_chunk).digest() == blake3.blake3(theirs[pos : pos + cs]).digest():
+            if blake3.blake3(mine_chunk).digest() == digests[i * 32 : (i + 1) * 32]:
                 close_run(pos)
                 skipped += len(mine_chunk)
                 if note is not None:

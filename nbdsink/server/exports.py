@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from nbdsink.contract import DIGESTS_VIEW
 from nbdsink.errors import NbdsinkError
 
 CONSISTENCY_LEVELS = ("frozen", "crash", "none")
@@ -36,6 +37,8 @@ class ExportName:
     version: int = 0
     timestamp: float = 0.0
     attributes: dict[str, str] = field(default_factory=dict)
+    view: str = "data"
+    """``data``, or ``digests`` (see :mod:`nbdsink.contract`)."""
 
     @property
     def writable(self) -> bool:
@@ -49,23 +52,31 @@ def parse_export_name(name: str) -> ExportName:
             "no export name given: use VOLUME (writable head), VOLUME@N, VOLUME@latest "
             "or VOLUME@<ISO-8601 UTC time>"
         )
+    view = "data"
+    if name.endswith(";" + DIGESTS_VIEW):
+        name, view = name[: -len(DIGESTS_VIEW) - 1], DIGESTS_VIEW
     if "@" in name:
         volume, _, selector = name.partition("@")
         _check_volume(volume, name)
         if selector == "latest":
-            return ExportName(volume, "latest")
-        if selector.isdigit():
-            version = int(selector)
-            if version < 1:
-                raise ExportNameError(f"export {name!r}: versions are numbered from 1")
-            return ExportName(volume, "version", version=version)
+            return ExportName(volume, "latest", view=view)
+        if selector.isascii() and selector.isdigit():
+            # One spelling per version: no leading zeros (vol@01 is not vol@1).
+            if selector.startswith("0"):
+                raise ExportNameError(
+                    f"export {name!r}: versions are numbered from 1, without leading zeros")
+            return ExportName(volume, "version", version=int(selector), view=view)
         timestamp = parse_utc_time(selector)
         if timestamp is None:
             raise ExportNameError(
                 f"export {name!r}: after '@' expected a version number, 'latest' or an "
                 "ISO-8601 UTC time such as 2026-11-21T10:00:00Z"
             )
-        return ExportName(volume, "time", timestamp=timestamp)
+        return ExportName(volume, "time", timestamp=timestamp, view=view)
+    if view == DIGESTS_VIEW:
+        volume = name
+        _check_volume(volume, name)
+        return ExportName(volume, "head", view=view)
     volume, *pairs = name.split(";")
     _check_volume(volume, name)
     attributes: dict[str, str] = {}

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from nbdsink.errors import NbdsinkError
+from nbdsink.server.session import Heads
 from nbdsink.store import Store, reclaim
 
 PASS_INTERVAL = 5.0
@@ -28,8 +29,10 @@ COMPACT_MIN_DEAD = 0.25
 class Maintenance:
     """One store's background upkeep (one instance per server process)."""
 
-    def __init__(self, store: Store, log: Callable[[str], None] = lambda _m: None) -> None:
+    def __init__(self, store: Store, heads: Heads | None = None,
+                 log: Callable[[str], None] = lambda _m: None) -> None:
         self.store = store
+        self.heads = heads
         self.log = log
         self._pruned_at: dict[str, tuple[float, int]] = {}
 
@@ -51,7 +54,12 @@ class Maintenance:
                 self.log(f"pruned {volume.name}@{','.join(map(str, report.pruned))} "
                          f"({report.policy})")
         deadline = time.monotonic() + PASS_BUDGET
-        swept = reclaim.sweep(store, deadline=deadline)
+        if self.heads is not None:
+            # This process's writers are the only ones (the serve lock): with them held back
+            # for each sweep transaction, no grace is needed.
+            swept = reclaim.sweep(store, grace=0.0, deadline=deadline, guard=self.heads.sweeping)
+        else:
+            swept = reclaim.sweep(store, deadline=deadline)
         if swept.chunks:
             self.log(f"swept {swept.chunks} unreferenced chunks ({swept.bytes} bytes)")
         retired = reclaim.compact(store, min_dead=COMPACT_MIN_DEAD, deadline=deadline)
@@ -59,10 +67,10 @@ class Maintenance:
             self.log(f"compacted away segment(s) {', '.join(map(str, retired))}")
 
 
-def run_maintenance(store: Store, stop: threading.Event,
+def run_maintenance(store: Store, heads: Heads, stop: threading.Event,
                     log: Callable[[str], None] = lambda _m: None) -> None:
     """Passes of :class:`Maintenance` until ``stop`` is set (run it in a daemon thread)."""
-    upkeep = Maintenance(store, log)
+    upkeep = Maintenance(store, heads, log)
     while not stop.wait(PASS_INTERVAL):
         try:
             upkeep.run_pass()

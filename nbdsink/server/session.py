@@ -10,11 +10,21 @@ import contextlib
 import errno
 import threading
 import time
+from collections.abc import Iterator
 
+from nbdsink.contract import CONTRACT_VERSION, DIGEST_SIZE, DIGESTS_VIEW
 from nbdsink.errors import NbdsinkError
+from nbdsink.server.digests import read_head_digests, read_version_digests
 from nbdsink.server.exports import ExportName, parse_export_name
 from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
-from nbdsink.store.head import DEFAULT_BATCH_BYTES, MAX_BATCH_AGE, Head, block_is_data, read_into
+from nbdsink.store.head import (
+    DEFAULT_BATCH_BYTES,
+    MAX_BATCH_AGE,
+    DedupGate,
+    Head,
+    block_is_data,
+    read_into,
+)
 from nbdsink.store.readers import ReaderLock
 
 MAX_REQUEST = 32 << 20
@@ -27,6 +37,9 @@ fewer, larger requests are faster: clients that honour it (nbdcopy, qemu) read a
 about 1.6 times as fast with 4 MiB requests as with nbdcopy's default of 256 KiB, and write
 duplicates about 1.5 times as fast. The block size itself is in the head's description
 ("block size N"), where the sender reads it."""
+
+DIGESTS_PREFERRED = 64 << 10
+"""Preferred request size of a digests view: 2048 digests, 128 MiB of 64 KiB blocks."""
 
 MAX_EXTENT_BLOCKS = 16384
 """At most this many blocks are examined per block-status reply (a short reply is allowed)."""
@@ -55,13 +68,23 @@ class Heads:
         self.batch_bytes = batch_bytes or DEFAULT_BATCH_BYTES
         self._heads: dict[str, Head] = {}
         self._lock = threading.Lock()
+        self.gate = DedupGate()
 
     def get(self, volume: VolumeInfo) -> Head:
         with self._lock:
             head = self._heads.get(volume.name)
             if head is None:
-                head = self._heads[volume.name] = Head(self.store, volume, self.batch_bytes)
+                head = self._heads[volume.name] = Head(self.store, volume, self.batch_bytes,
+                                                       self.gate)
             return head
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[set[bytes]]:
+        """Writers held back; the digests their unsaved batches rely on (see DedupGate)."""
+        with self.gate.exclusive():
+            with self._lock:
+                heads = list(self._heads.values())
+            yield set().union(*(h.relied_upon() for h in heads))
 
     def save_all(self) -> None:
         """Push every in-memory batch into LMDB (on a clean shutdown)."""
@@ -128,9 +151,10 @@ class Session:
         self._reader: ReaderLock | None = None
         self.version = 0
         self.version_info: VersionInfo | None = None
+        self.digests = self.name.view == DIGESTS_VIEW
         if self.name.kind == "head":
             self.head = heads.get(self.volume)
-            self.readonly = readonly
+            self.readonly = readonly or self.digests
         else:
             self.readonly = True
             try:
@@ -164,14 +188,25 @@ class Session:
 
     @property
     def size(self) -> int:
+        if self.digests:
+            return self.volume.blocks * DIGEST_SIZE
         return self.volume.size
 
     @property
     def block_size(self) -> tuple[int, int, int]:
+        if self.digests:
+            # Every digest read makes the server read and check the blocks' data: small
+            # requests keep each one short.
+            return (1, DIGESTS_PREFERRED, MAX_REQUEST)
         return (1, max(self.volume.block_size, PREFERRED_REQUEST), MAX_REQUEST)
 
     @property
     def description(self) -> str:
+        if self.digests:
+            what = f"version {self.version}" if self.version else "the pending head"
+            return (f"digests of {what} of {self.volume.name}: {DIGEST_SIZE}-byte blake3 per "
+                    f"{self.volume.block_size}-byte block (nbdsink contract "
+                    f"{CONTRACT_VERSION})")
         if self.version_info is not None:
             return _version_description(self.version_info)
         assert self.head is not None
@@ -180,6 +215,12 @@ class Session:
     # -- data path ------------------------------------------------------------------------------
 
     def pread(self, buf: memoryview, offset: int) -> None:
+        if self.digests:
+            if self.head is not None:
+                read_head_digests(self.head, buf, offset)
+            else:
+                read_version_digests(self.store, self.volume, self.version, buf, offset)
+            return
         if self.head is not None:
             self.head.read_into(buf, offset)
         else:
@@ -205,13 +246,15 @@ class Session:
 
     def flush(self) -> VersionInfo | None:
         """Commit what is pending as the next version (None if nothing changed)."""
-        if self.head is None:
+        if self.head is None or self.readonly:
             return None
         attrs = dict(self.name.attributes)
         consistency = attrs.pop("consistency", "none")
         return self.head.commit(consistency, attrs)
 
     def extents(self, count: int, offset: int) -> list[tuple[int, int, int]]:
+        if self.digests:
+            return [(offset, min(count, self.size - offset), EXTENT_DATA)]
         bs = self.volume.block_size
         first = offset // bs
         last = min((offset + count - 1) // bs, first + MAX_EXTENT_BLOCKS - 1)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import lmdb
@@ -124,14 +125,59 @@ def _overlay_lookup(overlays: Sequence[Batch], block: int, digest: bytes | None
     return digest, None
 
 
+class DedupGate:
+    """Lets the server's own sweeper delete unreferenced chunks at once, safely.
+
+    A writer holds it shared from looking digests up in the store until it has staged the
+    blocks that rely on them; the sweeper holds it exclusively while it collects the digests
+    every unsaved batch relies on and deletes what is unreferenced and not among them. So no
+    chunk a writer took as stored can disappear before its batch gives it a reference.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if self._shared == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._shared:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class Head:
     """The writable head of one volume. One per volume per server process; thread-safe."""
 
     def __init__(self, store: Store, volume: VolumeInfo,
-                 batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, gate: DedupGate | None = None) -> None:
         self.store = store
         self.volume = volume
         self.batch_bytes = batch_bytes
+        self.gate = gate or DedupGate()
         # _lock guards the batches and makes read-modify-write of a partial block atomic;
         # _save_lock keeps saves and commits in order, one at a time.
         self._lock = threading.Lock()
@@ -150,6 +196,11 @@ class Head:
     @property
     def unsaved(self) -> bool:
         return bool(self._filling.blocks)
+
+    def relied_upon(self) -> set[bytes]:
+        """Digests the unsaved batches point to (what a sweep must spare)."""
+        with self._lock:
+            return {d for b in self._overlays() for d in b.blocks.values() if d is not None}
 
     @property
     def unsaved_age(self) -> float:
@@ -198,25 +249,27 @@ class Head:
                 partial.append(block)
             block += 1
         # Duplicates need no copy. A digest counts as stored only when it is durable in the
-        # store (committed; chunks are never removed while a server runs). A digest that an
+        # store and referenced (the gate keeps the server's sweeper off it until this batch
+        # references it; other processes' sweeps wait a grace period). A digest that an
         # unsaved batch holds is *not* stored yet: that batch may be saved without it (its
         # block was overwritten) or fail, so the block takes a reference to the same encoded
         # chunk, and its own batch stores it (LMDB's overwrite=False makes a second put free).
-        known = self._known_chunks([d for _, d, _ in whole if d is not None])
-        staged: list[tuple[int, bytes | None, bytearray | None]] = []
-        for block, digest, piece in whole:
-            if digest is None:
-                staged.append((block, None, None))
-            elif digest in known:
-                staged.append((block, digest, known[digest]))
-            else:
-                assert piece is not None
-                staged.append((block, digest, encode_chunk(piece, pad_to=bs)))
-        with self._lock:
-            for block in partial:
-                staged.append(self._modified_block(block, offset, end, data))
-            self._stage(staged)
-            full = self._filling.nbytes >= self.batch_bytes
+        with self.gate.shared():
+            known = self._known_chunks([d for _, d, _ in whole if d is not None])
+            staged: list[tuple[int, bytes | None, bytearray | None]] = []
+            for block, digest, piece in whole:
+                if digest is None:
+                    staged.append((block, None, None))
+                elif digest in known:
+                    staged.append((block, digest, known[digest]))
+                else:
+                    assert piece is not None
+                    staged.append((block, digest, encode_chunk(piece, pad_to=bs)))
+            with self._lock:
+                for block in partial:
+                    staged.append(self._modified_block(block, offset, end, data))
+                self._stage(staged)
+                full = self._filling.nbytes >= self.batch_bytes
         if full:
             self._save(only_if_full=True)
 

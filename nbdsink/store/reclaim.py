@@ -25,6 +25,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,13 +233,26 @@ class SweepReport:
     bytes: int = 0
 
 
+Guard = Callable[[], AbstractContextManager[set[bytes]]]
+"""Holds writers back while one sweep transaction runs, giving the digests they rely on."""
+
+
+@contextmanager
+def _no_guard() -> Iterator[set[bytes]]:
+    yield set()
+
+
 def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
-          deadline: float | None = None) -> SweepReport:
-    """Delete from the index the chunks unreferenced for longer than ``grace`` seconds."""
+          deadline: float | None = None, guard: Guard = _no_guard) -> SweepReport:
+    """Delete from the index the chunks unreferenced for longer than ``grace`` seconds.
+
+    ``guard`` (the server's heads) spares the chunks unsaved writes rely on, which lets the
+    server sweep with no grace at all."""
     report = SweepReport()
     after = b""
     while deadline is None or time.monotonic() < deadline:
-        def step(txn: lmdb.Transaction, after: bytes = after) -> tuple[bytes | None, int, int]:
+        def step(txn: lmdb.Transaction, after: bytes = after,
+                 spare: AbstractSet[bytes] = frozenset()) -> tuple[bytes | None, int, int]:
             cur = txn.cursor(db=store._garbage)
             found = cur.set_range(after) if after else cur.first()
             limit = time.time() - grace
@@ -249,7 +265,7 @@ def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
                 last = digest
                 n += 1
                 since = _time(cur.value())
-                if since > limit:
+                if since > limit or digest in spare:
                     found = cur.next()
                     continue
                 if txn.get(digest, db=store._refs) is None:
@@ -265,7 +281,10 @@ def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
                 found = bool(cur.key())
             store._add_live(txn, live)
             return (last if found else None), chunks, nbytes
-        nxt, chunks, nbytes = store.write(step)
+        with guard() as spare:
+            def guarded(txn: lmdb.Transaction) -> tuple[bytes | None, int, int]:
+                return step(txn, spare=spare)
+            nxt, chunks, nbytes = store.write(guarded)
         report.chunks += chunks
         report.bytes += nbytes
         if nxt is None:

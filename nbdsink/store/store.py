@@ -809,6 +809,20 @@ class Store:
                                "checksum: damaged on disk")
         copy_stored(stored, tail, dest, start, digest.hex())
 
+    def mark_damaged(self, digest: bytes) -> bool:
+        """Quarantine a chunk that failed a check: reads of it give EIO (never its bytes),
+        and the next write of the same content replaces it. False if it was gone."""
+        def mark(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(digest, db=self._index)
+            if raw is None:
+                return False
+            loc = Location.decode(raw)
+            if not loc.flags & FLAG_DAMAGED:
+                txn.put(digest, replace(loc, flags=loc.flags | FLAG_DAMAGED).encode(),
+                        db=self._index)
+            return True
+        return self.write(mark)
+
     def read_chunk(self, r: Reading, digest: bytes) -> bytes:
         """A chunk's whole data (checked)."""
         loc = self.locate(r, digest)

@@ -171,8 +171,13 @@ async def test_frozen_versions_equal_the_device_at_the_freeze(rig) -> None:  # t
                if version.image[c * CS : (c + 1) * CS] != snapshot[c * CS : (c + 1) * CS]]
         assert not bad, (version.number, bad, [(r.converge_rounds, r.freeze_attempts) for r in results])
     assert freezer.calls[0] == "sync"
-    around = [c for c in freezer.calls if c != "sync"]
+    around = [c for c in freezer.calls if c not in ("sync", "frozen")]
     assert around == ["pre", "freeze", "thaw", "post"] * (len(around) // 4)
+    # The frozen hook runs inside the freeze, once per freeze that made a version.
+    assert freezer.calls.count("frozen") == len(committed)
+    for i, call in enumerate(freezer.calls):
+        if call == "frozen":
+            assert freezer.calls[i - 1] == "freeze" and freezer.calls[i + 1] == "thaw"
     # A sync right before each freeze leaves FIFREEZE little to flush.
     assert all(freezer.calls[i - 1] == "sync" for i, c in enumerate(freezer.calls) if c == "pre")
 

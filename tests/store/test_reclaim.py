@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from nbdsink.server.session import Heads, Session
-from nbdsink.store import Store, UnknownVersion
-from nbdsink.store import reclaim
+from nbdsink.store import Store, UnknownVersion, reclaim
 from nbdsink.store.head import Head
 from nbdsink.store.readers import ReaderLock
 from nbdsink.store.retention import Policy

@@ -58,7 +58,7 @@ def test_kill9_during_prune_and_gc(tmp_path: Path) -> None:
     pool = [rng.randbytes(BS) for _ in range(8)]
     killed_mid_work = 0
     work_seconds = 0.3
-    for round_no in range(KILLS):
+    for _ in range(KILLS):
         head = Head(store, volume)
         for _ in range(3):
             for _ in range(rng.randint(200, 1200)):
