@@ -57,6 +57,16 @@ def register(sub: Any) -> None:
     p.add_argument("--max-freeze", type=parse_duration, default=2.0, metavar="DURATION",
                    help="longest the filesystem may stay frozen; more than that to read and "
                         "the sender thaws and converges further (default 2s)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --once: afterwards compare the whole device with the replica "
+                        "(only digests cross the network) and send what differs in one more "
+                        "version; a difference means a missed write: it is logged as a warning "
+                        "and counted in 'status --json' under verify")
+    p.add_argument("--verify-interval", type=parse_duration, default=0.0, metavar="DURATION",
+                   help="compare the device with the replica every DURATION (e.g. 24h) while "
+                        "replicating continuously")
+    p.add_argument("--verify-rate", type=parse_rate, default=0, metavar="BYTES/S",
+                   help="device read rate of those comparisons, e.g. 20M (default: unlimited)")
     p.add_argument("--tracker", choices=BACKENDS, default=None,
                    help="change tracker backend (default: the one already tracking DEVICE, "
                         "else bpf where the kernel has BTF, else dm)")
@@ -78,6 +88,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
+    if args.verify and not args.once:
+        from nbdsink.errors import UsageError
+
+        raise UsageError("--verify goes with --once; continuous replication takes "
+                         "--verify-interval DURATION")
     if (args.pre_hook or args.post_hook or args.frozen_hook) and not args.freeze:
         from nbdsink.errors import UsageError
 
@@ -87,7 +102,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         device=args.device, uri=args.uri, state_dir=args.state, once=args.once,
         interval=args.interval, freeze=args.freeze, pre_hook=args.pre_hook,
         post_hook=args.post_hook, frozen_hook=args.frozen_hook, hook_timeout=args.hook_timeout,
-        tracker=args.tracker,
+        tracker=args.tracker, verify=args.verify, verify_interval=args.verify_interval,
+        verify_rate=args.verify_rate,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
     )
     trio.run(replicate, options)

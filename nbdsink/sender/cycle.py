@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 import trio
@@ -41,6 +41,7 @@ from nbdsink.sender.plan import Extent, Op, total, union
 from nbdsink.sender.progress import Progress
 from nbdsink.sender.state import SenderState, StateDir
 from nbdsink.sender.transfer import Note, RemoteView, Sink, Transfer, TransferStats, collect
+from nbdsink.timefmt import iso, utc_now
 from nbdsink.tracker.base import DirtySet, Tracker
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ class CycleResult:
 
 class FreezeBudgetExceeded(Exception):
     """Every freeze attempt of this cycle found more to read than --max-freeze allows."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(ts: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and a ``Z``: ``2026-11-23T10:00:00.123Z``."""
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
 class Cycle:

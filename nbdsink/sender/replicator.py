@@ -23,7 +23,7 @@ from nbdsink import nbd
 from nbdsink.nbd import TLSConfig
 from nbdsink.sender import freeze as freezing
 from nbdsink.sender.backoff import Backoff
-from nbdsink.sender.cycle import Cycle, CycleOptions, CycleResult, FreezeBudgetExceeded, iso
+from nbdsink.sender.cycle import Cycle, CycleOptions, CycleResult, FreezeBudgetExceeded
 from nbdsink.sender.device import Device
 from nbdsink.sender.errors import DeviceError, FreezeError, HookError, RemoteError, StateError
 from nbdsink.sender.groups import open_nursery
@@ -32,6 +32,8 @@ from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
 from nbdsink.sender.state import CycleRecord, SenderState, StateDir
 from nbdsink.sender.transfer import Transfer, TransferConfig
 from nbdsink.sender.units import format_duration, format_size
+from nbdsink.sender.verify import VerifyResult, verify_pass
+from nbdsink.timefmt import iso, utc_now
 from nbdsink.tracker import Tracker, TrackingLost, open_tracker, start_tracker
 from nbdsink.tracker.base import AlreadyTracked, TrackerError, TrackerInUse
 from nbdsink.tracker.consumers import ConsumerLost, ConsumerTracker
@@ -72,6 +74,10 @@ class ReplicateOptions:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     tls: TLSConfig | None = None
+    verify: bool = False
+    """With once: compare the whole device with the version afterwards (verify.py)."""
+    verify_interval: float = 0.0
+    verify_rate: int = 0
 
 
 class Replicator:
@@ -84,6 +90,9 @@ class Replicator:
         self.limiter = RateLimiter(options.rate)
         self.backoff = Backoff(options.backoff_initial, options.backoff_max)
         self.cycles = 0
+        self.cycle_lock = trio.Lock()
+        """Held by each cycle, and by each step of a comparison with the replica."""
+        self.tracker_now: Tracker | None = None
 
     # -- start-up checks ----------------------------------------------------------------
 
@@ -205,10 +214,40 @@ class Replicator:
                 state = self._state_for(device, remote, backend)
                 state.tracker = backend
                 tracker, full = await self._tracker(remote, state)
+                self.tracker_now = tracker
                 try:
-                    await self._cycles(device, remote, state, tracker, full)
+                    async with open_nursery() as nursery:
+                        if opts.verify_interval and not opts.once:
+                            nursery.start_soon(self._verify_periodically, device, remote, state)
+                        await self._cycles(device, remote, state, tracker, full)
+                        nursery.cancel_scope.cancel()
                 finally:
-                    tracker.close()
+                    if self.tracker_now is not None:
+                        self.tracker_now.close()
+
+    async def _verify_periodically(self, device: Device, remote: NbdRemote,
+                                   state: SenderState) -> None:
+        """--verify-interval: a comparison with the replica every interval, at a bounded read
+        rate, between cycles (each step holds cycles back for one range's read at most)."""
+        assert self.options.verify_interval
+        limiter = RateLimiter(self.options.verify_rate) if self.options.verify_rate else None
+        while True:
+            await trio.sleep(self.options.verify_interval)
+            await self._verify(device, remote, state, None, limiter)
+
+    async def _verify(self, device: Device, remote: NbdRemote, state: SenderState,
+                      tracker: Tracker | None, limiter: RateLimiter | None) -> VerifyResult:
+        current = tracker or self.tracker_now
+        assert current is not None
+        result = await verify_pass(device, remote, current, state, self.state_dir,
+                                   self.cycle_lock, limiter)
+        state.verify = result.to_json()
+        await trio.to_thread.run_sync(functools.partial(self.state_dir.save, state))
+        level = logging.WARNING if result.chunks_differed else logging.INFO
+        log.log(level, "verify: %d chunks compared with version %s, %d differed%s",
+                result.chunks_compared, result.version, result.chunks_differed,
+                " (missed writes or damage: sent again)" if result.chunks_differed else "")
+        return result
 
     @property
     def consumer(self) -> str:
@@ -259,6 +298,7 @@ class Replicator:
     ) -> None:
         opts = self.options
         cycle = self._make_cycle(device, remote, state, tracker)
+        verified = False
         while True:
             started = trio.current_time()
             size = device.current_size()
@@ -268,8 +308,10 @@ class Replicator:
                     "(device removed or resized); stopping"
                 )
             previous_capture = state.last_captured_at
+            self.tracker_now = tracker
             try:
-                result = await cycle.run(full=full)
+                async with self.cycle_lock:
+                    result = await cycle.run(full=full)
             except ConsumerLost as exc:
                 # The tracking goes on (another replication may restart it, or did): take a
                 # fresh handle on it, or start it if it is gone, and resynchronise.
@@ -306,6 +348,11 @@ class Replicator:
                 functools.partial(self.state_dir.save, state, durable=False)
             )
             if opts.once:
+                if opts.verify and not verified:
+                    verified = True
+                    found = await self._verify(device, remote, state, tracker, limiter=None)
+                    if found.chunks_differed:
+                        continue  # one more cycle sends what the comparison found
                 return
             await trio.sleep_until(started + opts.interval)
 
@@ -314,7 +361,7 @@ class Replicator:
     def _log_cycle(
         self, result: CycleResult, previous_capture: str | None, state: SenderState
     ) -> None:
-        now = datetime.now().astimezone()
+        now = utc_now()
         captured = datetime.fromisoformat(result.captured_at.replace("Z", "+00:00"))
         lag = (now - captured).total_seconds()
         rpo = None
@@ -346,7 +393,7 @@ class Replicator:
         try:
             state = self.state_dir.load()
             if state is not None:
-                state.last_error = f"{iso(datetime.now().astimezone())} {exc}"
+                state.last_error = f"{iso(utc_now())} {exc}"
                 self.state_dir.save(state)
         except StateError:
             pass

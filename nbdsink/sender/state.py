@@ -66,6 +66,8 @@ class SenderState:
     last_consistency: str | None = None
     last_cycle: CycleRecord | None = None
     last_error: str | None = None
+    verify: dict[str, Any] | None = None
+    """The last comparison of the device with the replica (chunks compared, differed, at)."""
     format: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:

@@ -171,9 +171,11 @@ class SegmentSet:
             else:
                 seg.retired = True
 
-    def write(self, sid: int, chunks: Sequence[tuple[bytes, bytes | bytearray]]) -> int:
+    def write(self, sid: int, chunks: Sequence[tuple[bytes, bytes | bytearray]],
+              replace: frozenset[bytes] = frozenset()) -> int:
         """Store ``(digest, encoded chunk)`` pairs in segment ``sid`` and make them durable;
-        returns the segment's bytes in use afterwards. Digests it holds already are skipped."""
+        returns the segment's bytes in use afterwards. Digests it holds already are skipped,
+        but for those in ``replace`` (damaged copies, healed by the same content)."""
         need = sum(len(c) for _, c in chunks) + (1 << 20)
         if disk_free(self.dir) < need:
             # LMDB would report a full disk as EIO from its write: say what it is.
@@ -190,7 +192,8 @@ class SegmentSet:
                         split = chunk[0] == FORMAT_SPLIT
                         cut = HEADER_SIZE + (split_point(length, seg.page_size) if split else length)
                         view = memoryview(chunk)
-                        if txn.put(digest, view[:cut], db=seg.chunks, overwrite=False) and split:
+                        again = digest in replace
+                        if txn.put(digest, view[:cut], db=seg.chunks, overwrite=again) and split:
                             txn.put(digest, view[cut:], db=seg.tails)
             except lmdb.MapFullError as exc:
                 raise StoreError(f"segment {sid} is full ({exc})") from exc

@@ -840,13 +840,18 @@ class Store:
         Returns where each one went; give that to :meth:`stage_blocks` (in the main
         transaction that then indexes them). Chunks already indexed are skipped.
         """
+        damaged: set[bytes] = set()
+
         def missing(r: Reading) -> list[bytes]:
             out = []
             for d in chunks:
                 raw = r.txn.get(d, db=self._index)
                 # A damaged chunk is written again: healing by content.
-                if raw is None or Location.decode(raw).flags & FLAG_DAMAGED:
+                if raw is None:
                     out.append(d)
+                elif Location.decode(raw).flags & FLAG_DAMAGED:
+                    out.append(d)
+                    damaged.add(d)
             return out
         todo = self.read(missing)
         if not todo:
@@ -854,7 +859,7 @@ class Store:
         with self.segments.write_lock:
             sid = self._active_segment()
             items = [(d, chunks[d]) for d in todo]
-            used = self.segments.write(sid, items)
+            used = self.segments.write(sid, items, replace=frozenset(damaged))
             located = {d: Location(sid, len(c) - HEADER_SIZE, checksum(memoryview(c)[HEADER_SIZE:]))
                        for d, c in items}
             if used >= self.segments.segment_bytes:

@@ -1,0 +1,145 @@
+"""Damage in a copy of a store: verify finds each kind exactly, reads never return wrong bytes,
+undamaged blocks read correctly, and the same content written again heals."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from nbdsink.server.session import Heads, Session
+from nbdsink.store import Store, StoreError, check
+from nbdsink.store import keys as store_keys
+from nbdsink.store.head import Head
+
+BS = 16384
+BLOCKS = 32
+SIZE = BS * BLOCKS
+
+
+def _read(store: Store, name: str, offset: int = 0, length: int = SIZE) -> bytes:
+    buf = bytearray(length)
+    Session(store, Heads(store), name, readonly=True).pread(memoryview(buf), offset)
+    return bytes(buf)
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[Path, dict[int, bytes], list[bytes]]:
+    """A store with two versions of random blocks; returns its path, the images, the blocks
+    of version 1."""
+    store = Store(tmp_path / "s", create=True)
+    head = Head(store, store.create_volume("vol", SIZE, BS))
+    rng = random.Random(5)
+    blocks = [rng.randbytes(BS) for _ in range(BLOCKS)]
+    head.write(memoryview(b"".join(blocks)), 0)
+    head.commit()
+    image2 = bytearray(b"".join(blocks))
+    image2[3 * BS : 4 * BS] = rng.randbytes(BS)
+    head.write(memoryview(image2[3 * BS : 4 * BS]), 3 * BS)
+    head.commit()
+    store.close()
+    return tmp_path / "s", {1: b"".join(blocks), 2: bytes(image2)}, blocks
+
+
+def _segment_env(store_path: Path) -> lmdb.Environment:
+    return lmdb.open(str(store_path / "segments" / "00000001.mdb"), subdir=False, max_dbs=2)
+
+
+def _flip_chunk(store_path: Path, digest: bytes, in_tail: bool = False) -> None:
+    env = _segment_env(store_path)
+    db = env.open_db(b"tails" if in_tail else b"chunks")
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(digest, db=db))
+        value[-1] ^= 0xFF
+        txn.put(digest, bytes(value), db=db)
+    env.close()
+
+
+def test_flipped_bytes_are_found_and_never_served(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    path, images, blocks = written
+    from nbdsink.store.chunks import digest
+
+    victim = digest(blocks[7])
+    _flip_chunk(path, victim)
+    store = Store(path)
+    # Reads of the damaged block fail (EIO), of every other block succeed, in both versions.
+    for v in (1, 2):
+        with pytest.raises(StoreError):
+            _read(store, f"vol@{v}", 7 * BS, BS)
+        assert _read(store, f"vol@{v}", 0, 7 * BS) == images[v][: 7 * BS]
+        assert _read(store, f"vol@{v}", 8 * BS, SIZE - 8 * BS) == images[v][8 * BS :]
+    assert check.verify(store).clean  # the structure is intact ...
+    report = check.verify(store, full=True)  # ... the data are not
+    assert [d.digest for d in report.damaged] == [victim.hex()]
+    damage = report.damaged[0]
+    assert "checksum" in damage.problem
+    assert [(u["volume"], u["block"], u["from_version"], u["to_version"]) for u in damage.uses] == [
+        ("vol", 7, 1, 2)]
+    assert damage.heal_from_source
+    # Heal by content: the same block written again makes every version whole.
+    head = Head(store, store.volume("vol"))
+    head.write(memoryview(blocks[7]), 7 * BS)
+    assert head.commit() is None  # same content as the version: no new version ...
+    assert _read(store, "vol@1") == images[1]  # ... and both old versions read back whole
+    assert _read(store, "vol@2") == images[2]
+    assert check.verify(store, full=True).clean
+    store.close()
+
+
+def test_a_split_chunks_tail(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    path, images, blocks = written
+    from nbdsink.store.chunks import digest
+
+    victim = digest(blocks[9])
+    _flip_chunk(path, victim, in_tail=True)
+    store = Store(path)
+    report = check.verify(store, full=True)
+    assert [d.digest for d in report.damaged] == [victim.hex()]
+    with pytest.raises(StoreError):
+        _read(store, "vol@1", 9 * BS, BS)
+    assert _read(store, "vol@1", 10 * BS, BS) == images[1][10 * BS : 11 * BS]
+    store.close()
+
+
+def test_a_map_entry_pointing_nowhere(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    path, images, _ = written
+    env = lmdb.open(str(path), max_dbs=16)
+    db = env.open_db(b"map")
+    bogus = bytes(range(32))
+    with env.begin(write=True) as txn:
+        txn.put(store_keys.map_key(1, 11, 1), bogus, db=db)
+    env.close()
+    store = Store(path)
+    report = check.verify(store)
+    assert [d.digest for d in report.damaged] == [bogus.hex()]
+    assert "missing" in report.damaged[0].problem
+    assert report.damaged[0].uses[0]["block"] == 11
+    with pytest.raises(StoreError):
+        _read(store, "vol@1", 11 * BS, BS)
+    assert _read(store, "vol@1", 12 * BS, BS) == images[1][12 * BS : 13 * BS]
+    store.close()
+
+
+def test_a_damaged_version_record(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    path, images, _ = written
+    env = lmdb.open(str(path), max_dbs=16)
+    db = env.open_db(b"versions")
+    with env.begin(write=True) as txn:
+        txn.put(store_keys.version_key(1, 1), b"{not json", db=db)
+    env.close()
+    run = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "verify", "--json",
+                          "--store", str(path)], capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    found = json.loads(run.stdout)
+    assert not found["clean"] and "damaged" in found["problems"][0]
+    clean = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "verify", "vol@2",
+                            "--store", str(path)], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    usage = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "verify", "--bogus",
+                            "--store", str(path)], capture_output=True, text=True)
+    assert usage.returncode == 2
