@@ -126,7 +126,7 @@ def test_a_map_entry_pointing_nowhere(written: tuple[Path, dict[int, bytes], lis
 
 
 def test_a_damaged_version_record(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
-    path, images, _ = written
+    path = written[0]
     env = lmdb.open(str(path), max_dbs=16)
     db = env.open_db(b"versions")
     with env.begin(write=True) as txn:
