@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except NbdsinkError as exc:
+        # A value an argument's type refused (a size, a duration, a rate): one line.
+        print(f"nbdsink: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

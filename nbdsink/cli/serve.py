@@ -18,6 +18,7 @@ from nbdsink.cli.common import add_store_argument, store_path
 from nbdsink.errors import NbdsinkError, UsageError
 from nbdsink.store import Store
 from nbdsink.store.serve_lock import take_serve_lock
+from nbdsink.units import parse_size
 
 PLUGIN = Path(nbdsink.__file__).resolve().parent.parent / "plugins" / "nbdsink_plugin.py"
 
@@ -65,8 +66,9 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
         cmd.append("--verbose")
     if args.listen:
         host, sep, port = args.listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise UsageError(f"--listen wants HOST:PORT, not {args.listen!r}")
+        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--listen wants HOST:PORT with a port from 1 to 65535, "
+                             f"not {args.listen!r}")
         cmd += ["--ipaddr", host.strip("[]") or "0.0.0.0", "--port", port]
     else:
         cmd += ["--unix", args.socket or "/run/nbdsink.sock"]
@@ -101,6 +103,10 @@ def _clear_stale_socket(path: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     store = store_path(args)
+    # Checked here, so that a bad value is one line now, not a traceback in nbdkit's log.
+    for flag, value in (("--batch-size", args.batch_size), ("--map-size", args.map_size)):
+        if value is not None and parse_size(value) <= 0:
+            raise UsageError(f"{flag} must be positive, not {value!r}")
     # Open (and create) the store here first so that a bad store is a clear error now, not
     # a traceback in nbdkit's log later.
     Store(store, create=True).close()
