@@ -231,10 +231,12 @@ class Cycle:
         self.state.pending = []
         self.state.synced = True
         self.state.acked_generation = ds.generation
+        # With no new version (nothing had changed) the newest one still equals the device
+        # as captured: the replica is that current.
+        self.state.last_captured_at = iso(captured)
+        self.state.last_commit_at = iso(now)
         if version is not None:
             self.state.last_version = version
-            self.state.last_captured_at = iso(captured)
-            self.state.last_commit_at = iso(now)
             self.state.last_consistency = consistency
         await self._settle(ds.generation)
         return version

@@ -161,10 +161,14 @@ class NbdRemote:
         return out
 
     async def commit(self, consistency: str, labels: Mapping[str, str]) -> int | None:
+        """FLUSH with these attributes; the version it made, or None when it made none
+        (nothing had changed: the newest version stays what it was)."""
+        before = await self.latest_version()
         name = head_name(self.volume, consistency, labels)
         async with nbd.connect(with_export(self.uri, name), self.tls) as committer:
             await committer.flush()
-        return await self.latest_version()
+        after = await self.latest_version()
+        return None if after == before else after
 
     async def latest_version(self) -> int | None:
         """The newest committed version (None when the volume has none yet)."""

@@ -305,3 +305,24 @@ async def test_sender_learns_the_block_size_from_the_head(tmp_path: Path) -> Non
             remote.check(size=SIZE, chunk_size=16384)
             with pytest.raises(VolumeMismatch, match="block size 16384"):
                 remote.check(size=SIZE, chunk_size=BS)
+
+
+async def test_a_flush_that_commits_nothing_reports_no_version(tmp_path: Path) -> None:
+    from nbdsink.sender.remote import open_remote
+
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock")
+    srv.create_volume("vol", SIZE, BS)
+    with srv:
+        async with open_remote(srv.uri("vol")) as remote:
+            await remote.pwrite(b"x" * BS, 0)
+            assert await remote.commit("none", {}) == 1
+            assert await remote.commit("none", {}) is None  # nothing changed: no version
+            await remote.pwrite(b"y" * BS, BS)
+            assert await remote.commit("none", {}) == 2
+            # The digests view of the head and of a version, as the contract says.
+            assert await remote.version_digests(None, 0, 2 * BS) == await remote.version_digests(
+                2, 0, 2 * BS)
+            import blake3
+
+            got = await remote.version_digests(1, 0, 2 * BS)
+            assert got == blake3.blake3(b"x" * BS).digest() + blake3.blake3(bytes(BS)).digest()
