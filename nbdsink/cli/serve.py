@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import shutil
 import signal
@@ -39,8 +40,19 @@ def register(sub: Any) -> None:
     p.add_argument("--tls-certificates", metavar="DIR",
                    help="require TLS, with ca-cert.pem, server-cert.pem and server-key.pem "
                         "from DIR (X.509)")
-    p.add_argument("--tls-verify-peer", action="store_true",
-                   help="with --tls-certificates: require a client certificate signed by the CA")
+    p.add_argument("--tls-verify-peer", action="store_true", default=True,
+                   help="with --tls-certificates: require a client certificate signed by the "
+                        "CA (the default)")
+    p.add_argument("--tls-no-verify-peer", dest="tls_verify_peer", action="store_false",
+                   help="with --tls-certificates: accept clients without a certificate (they "
+                        "can then read and write every volume)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --listen on an address other than loopback without TLS (anyone "
+                        "who can connect can then read every version and write every head)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve every export read-only: an attach-only host")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="refuse connections beyond N at once (default 64)")
     # Python callbacks share one GIL: beyond two threads per connection they mostly
     # contend for it (measured: 16 threads ingest ~40% slower than 2).
     p.add_argument("--threads", type=int, default=2,
@@ -69,21 +81,37 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
         if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"--listen wants HOST:PORT with a port from 1 to 65535, "
                              f"not {args.listen!r}")
-        cmd += ["--ipaddr", host.strip("[]") or "0.0.0.0", "--port", port]
+        host = host.strip("[]") or "0.0.0.0"
+        if not args.tls_certificates and not args.insecure and not _is_loopback(host):
+            raise UsageError(
+                f"--listen {args.listen} without TLS lets anyone who can reach it read every "
+                "version and write every volume: give --tls-certificates DIR (clients need a "
+                "certificate by default), or --insecure if the network is trusted")
+        cmd += ["--ipaddr", host, "--port", port]
     else:
         cmd += ["--unix", args.socket or "/run/nbdsink.sock"]
     if args.tls_certificates:
         cmd += ["--tls=require", f"--tls-certificates={args.tls_certificates}"]
         if args.tls_verify_peer:
             cmd.append("--tls-verify-peer")
-    elif args.tls_verify_peer:
-        raise UsageError("--tls-verify-peer needs --tls-certificates")
-    cmd += ["python", str(PLUGIN), f"store={store}"]
+    if args.read_only:
+        cmd.append("--readonly")
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    cmd += ["--filter=limit", "python", str(PLUGIN), f"store={store}",
+            f"limit={args.max_connections}"]
     if args.map_size:
         cmd.append(f"map_size={args.map_size}")
     if args.batch_size:
         cmd.append(f"batch_size={args.batch_size}")
     return cmd
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _clear_stale_socket(path: str) -> None:

@@ -326,3 +326,21 @@ async def test_a_flush_that_commits_nothing_reports_no_version(tmp_path: Path) -
 
             got = await remote.version_digests(1, 0, 2 * BS)
             assert got == blake3.blake3(b"x" * BS).digest() + blake3.blake3(bytes(BS)).digest()
+
+
+def test_safe_defaults_read_only_and_connection_limit(tmp_path: Path) -> None:
+    refused = run_cli("serve", "--store", str(tmp_path / "store"), "--listen", "0.0.0.0:10999",
+                      check=False)
+    assert refused.returncode == 2 and "--tls-certificates" in refused.stderr
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--read-only",
+                        "--max-connections", "2")
+    srv.create_volume("vol", SIZE, BS)
+    with srv:
+        a, b = connect(srv.uri("vol")), connect(srv.uri("vol"))
+        assert a.is_read_only() and b.is_read_only()
+        with pytest.raises(nbd.Error):
+            connect(srv.uri("vol"))  # the third at once is refused
+        a.shutdown()
+        time.sleep(0.5)
+        connect(srv.uri("vol")).shutdown()  # a slot is free again
+        b.shutdown()
