@@ -84,7 +84,12 @@ def register(sub: Any) -> None:
     s.add_argument("--state", metavar="DIR", default=DEFAULT_STATE,
                    help=f"state directory (default {DEFAULT_STATE})")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--max-lag", type=parse_duration, default=None, metavar="DURATION",
+                   help="exit 3 when the newest replicated data is older than DURATION")
     s.set_defaults(func=cmd_status)
+    s.epilog = ("Exit status, for monitors: 0 healthy; 1 the sender is not running; 3 it is "
+                "behind by more than --max-lag; 4 its last comparison with the replica found "
+                "differences (missed writes); 2 usage.")
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
@@ -162,12 +167,26 @@ def status_report(state_dir: StateDir) -> dict[str, Any]:
     return report
 
 
+def health(report: dict[str, Any], max_lag: float | None) -> int:
+    """The exit status ``status`` gives a monitor (see its epilog)."""
+    if not report["running"]:
+        return 1
+    behind = report.get("behind_seconds")
+    if max_lag is not None and (behind is None or behind > max_lag):
+        return 3
+    verify = report.get("verify") or {}
+    if verify.get("chunks_differed"):
+        return 4
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     report = status_report(StateDir(args.state))
+    code = health(report, args.max_lag)
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump({**report, "health": code}, sys.stdout, indent=2)
         sys.stdout.write("\n")
-        return 0
+        return code
     out = sys.stdout
     running = f"running (pid {report['pid']})" if report["running"] else "not running"
     out.write(f"sender:        {running}\n")
@@ -200,4 +219,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if report.get("frozen_left_behind"):
         out.write(f"warning:       {report['frozen_left_behind']} may still be frozen; the next "
                   "replicate start thaws it\n")
-    return 0
+    verify = report.get("verify")
+    if verify:
+        out.write(f"verify:        {verify['chunks_compared']} chunks compared with version "
+                  f"{verify.get('version')} at {verify['at']}, {verify['chunks_differed']} "
+                  f"differed{' (MISSED WRITES: sent again)' if verify['chunks_differed'] else ''}\n")
+    if not report["running"] and tracker:
+        out.write(f"note:          {report['device']} is still tracked (so replication can "
+                  f"resume); 'nbdsink track stop {report['device']}' releases it\n")
+    return code

@@ -220,7 +220,7 @@ class NbdRemote:
 
 @contextlib.asynccontextmanager
 async def open_remote(
-    uri: str, tls: TLSConfig | None = None, *, window: int = 16
+    uri: str, tls: TLSConfig | None = None, *, window: int = 16, device_size: int | None = None
 ) -> AsyncIterator[NbdRemote]:
     """Connect to the head the URI names; a volume that does not exist is a clear error."""
     volume = volume_of(uri)
@@ -230,7 +230,8 @@ async def open_remote(
         except NBDOptionError as exc:
             raise VolumeMismatch(
                 f"the server refused volume {volume!r}: {exc.message or exc} "
-                f"(create it on the backup host: nbdsink volume create {volume} --size SIZE)"
+                f"(create it on the backup host: nbdsink volume create {volume} --size "
+                f"{device_size if device_size is not None else 'SIZE'})"
             ) from exc
         # The head's digests view (an nbdsink server has one): compare mode uses it.
         head_digests: Connection | None = None

@@ -210,7 +210,8 @@ class Replicator:
         opts = self.options
         backend = opts.tracker or self._saved_backend() or default_backend()
         with Device(opts.device) as device:
-            async with open_remote(opts.uri, opts.tls, window=opts.window) as remote:
+            async with open_remote(opts.uri, opts.tls, window=opts.window,
+                                   device_size=device.size) as remote:
                 state = self._state_for(device, remote, backend)
                 state.tracker = backend
                 tracker, full = await self._tracker(remote, state)
