@@ -33,6 +33,13 @@ LOGS="$DEMO/logs"
 mkdir -p "$STORE" "$DEMO" "$LOGS"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+# One demo per checkout: a second one would tear down the first one's server, sender and disk.
+exec 9>"$VAR/demo.lock"
+if ! flock -n 9; then
+    echo "demo.sh: a demo is already running from this checkout ($repo); stop it with Ctrl-C first" >&2
+    exit 1
+fi
+
 # -- teardown (also used to clear what a run killed with SIGKILL left behind) --------------------
 
 stop_pid() {  # stop_pid NAME: SIGTERM the process group recorded in $DEMO/NAME.pid, wait
@@ -92,7 +99,7 @@ trap 'exit 130' INT TERM
 # -- the server -------------------------------------------------------------------------------
 
 say "serving $STORE on $SOCK"
-setsid "$repo/.venv/bin/nbdsink" serve --store "$STORE" --socket "$SOCK" >"$LOGS/server.log" 2>&1 &
+setsid "$repo/.venv/bin/nbdsink" serve --store "$STORE" --socket "$SOCK" >"$LOGS/server.log" 2>&1 9>&- &
 echo $! >"$DEMO/server.pid"
 for _ in $(seq 200); do
     nbdinfo --list "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 && break
@@ -137,7 +144,7 @@ say "replicating $DEVICE to $URI every 5s${FREEZE:+ (freezing $FREEZE for each v
 freeze_args=()
 [ -n "$FREEZE" ] && freeze_args=(--freeze "$FREEZE" --max-freeze 500ms)
 setsid "$repo/.venv/bin/nbdsink" replicate "$DEVICE" "$URI" --state "$STATE" --interval 5s \
-    "${freeze_args[@]}" >"$LOGS/sender.log" 2>&1 &
+    "${freeze_args[@]}" >"$LOGS/sender.log" 2>&1 9>&- &
 echo $! >"$DEMO/sender.pid"
 
 if [ "$WORKLOAD" = 1 ]; then
@@ -151,7 +158,7 @@ if [ "$WORKLOAD" = 1 ]; then
             [ $((n % 5)) = 0 ] && rm -f "work/file-$((n - 4))"
             date -u +%FT%T.%3NZ > last-write
             sleep 1
-        done' workload "$MNT" >"$LOGS/workload.log" 2>&1 &
+        done' workload "$MNT" >"$LOGS/workload.log" 2>&1 9>&- &
     echo $! >"$DEMO/workload.pid"
 fi
 
