@@ -20,6 +20,7 @@ from nbdsink.errors import NbdsinkError
 COMMAND_MODULES = [
     "nbdsink.cli.store_commands",
     "nbdsink.cli.space",
+    "nbdsink.cli.dr",
     "nbdsink.cli.serve",
     "nbdsink.cli.replicate",
     "nbdsink.cli.track",

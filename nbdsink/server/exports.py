@@ -6,6 +6,8 @@
 - ``vol@12``                     version 12, read-only
 - ``vol@latest``                 the newest committed version, read-only
 - ``vol@2026-11-21T10:00:00Z``   the newest version committed at or before that instant
+- ``vol@12;scratch``             version 12, writable, its writes kept only for the connection
+- ``vol@12;digests``             the blake3 of each block of version 12 (nbdsink.contract)
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from nbdsink.contract import DIGESTS_VIEW
 from nbdsink.errors import NbdsinkError
 
 CONSISTENCY_LEVELS = ("frozen", "crash", "none")
+SCRATCH_VIEW = "scratch"
+"""``VOL@N;scratch``: a writable view of version N whose writes live only for the connection."""
 _ISO_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?"
     r"(Z|[+-]\d{2}:?\d{2})$"
@@ -53,8 +57,10 @@ def parse_export_name(name: str) -> ExportName:
             "or VOLUME@<ISO-8601 UTC time>"
         )
     view = "data"
-    if name.endswith(";" + DIGESTS_VIEW):
-        name, view = name[: -len(DIGESTS_VIEW) - 1], DIGESTS_VIEW
+    for flag in (DIGESTS_VIEW, SCRATCH_VIEW):
+        if name.endswith(";" + flag):
+            name, view = name[: -len(flag) - 1], flag
+            break
     if "@" in name:
         volume, _, selector = name.partition("@")
         _check_volume(volume, name)
@@ -73,6 +79,8 @@ def parse_export_name(name: str) -> ExportName:
                 "ISO-8601 UTC time such as 2026-11-21T10:00:00Z"
             )
         return ExportName(volume, "time", timestamp=timestamp, view=view)
+    if view == SCRATCH_VIEW:
+        raise ExportNameError(f"export {name!r}: ;scratch goes after a version (VOL@N;scratch)")
     if view == DIGESTS_VIEW:
         volume = name
         _check_volume(volume, name)

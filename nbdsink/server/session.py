@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from nbdsink.contract import CONTRACT_VERSION, DIGEST_SIZE, DIGESTS_VIEW
 from nbdsink.errors import NbdsinkError
 from nbdsink.server.digests import read_head_digests, read_version_digests
-from nbdsink.server.exports import ExportName, parse_export_name
+from nbdsink.server.exports import SCRATCH_VIEW, ExportName, parse_export_name
+from nbdsink.server.scratch import ScratchOverlay
 from nbdsink.store import Store, StoreError, UnknownVersion, VersionInfo, VolumeInfo
 from nbdsink.store.head import (
     DEFAULT_BATCH_BYTES,
@@ -152,6 +153,7 @@ class Session:
         self.version = 0
         self.version_info: VersionInfo | None = None
         self.digests = self.name.view == DIGESTS_VIEW
+        self.scratch: ScratchOverlay | None = None
         if self.name.kind == "head":
             self.head = heads.get(self.volume)
             self.readonly = readonly or self.digests
@@ -167,9 +169,15 @@ class Session:
             except StoreError as exc:
                 self.close()
                 raise SessionError(str(exc), errno.ENOENT) from exc
+            if self.name.view == SCRATCH_VIEW:
+                self.scratch = ScratchOverlay(store, self.volume, self.version)
+                self.readonly = readonly
 
     def close(self) -> None:
-        """The connection ended: a version it read may be pruned again."""
+        """The connection ended: a version it read may be pruned again; scratch writes go."""
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
         if self._reader is not None:
             self._reader.release()
             self._reader = None
@@ -221,12 +229,18 @@ class Session:
             else:
                 read_version_digests(self.store, self.volume, self.version, buf, offset)
             return
+        if self.scratch is not None:
+            self.scratch.pread(buf, offset)
+            return
         if self.head is not None:
             self.head.read_into(buf, offset)
         else:
             read_into(self.store, self.volume, self.version, buf, offset)
 
     def pwrite(self, buf: memoryview, offset: int, fua: bool = False) -> None:
+        if self.scratch is not None and not self.readonly:
+            self.scratch.pwrite(buf, len(buf), offset)
+            return
         head = self._writable_head()
         head.write(buf, offset)
         if fua:
@@ -235,6 +249,9 @@ class Session:
             head.make_durable()
 
     def zero(self, count: int, offset: int, fua: bool = False) -> None:
+        if self.scratch is not None and not self.readonly:
+            self.scratch.pwrite(None, count, offset)
+            return
         head = self._writable_head()
         head.zero(count, offset)
         if fua:
@@ -253,7 +270,7 @@ class Session:
         return self.head.commit(consistency, attrs)
 
     def extents(self, count: int, offset: int) -> list[tuple[int, int, int]]:
-        if self.digests:
+        if self.digests or self.scratch is not None:
             return [(offset, min(count, self.size - offset), EXTENT_DATA)]
         bs = self.volume.block_size
         first = offset // bs

@@ -110,6 +110,8 @@ FLAG_DAMAGED = 1
 FLAG_NO_CHECKSUM = 2
 """A chunk of a format-2 store, indexed at the upgrade without reading it."""
 _REF = struct.Struct(">Q")
+_UNSET = object()
+"""A block a clone has no map entry for (what its base shows)."""
 _TIME = struct.Struct(">d")
 
 T = TypeVar("T")
@@ -638,6 +640,34 @@ class Store:
         self.sync()
         return info
 
+    def clone(self, source: VolumeInfo, version: int, name: str) -> VolumeInfo:
+        """A new volume ``name`` whose version 1 is ``source`` at ``version``: instant, no data
+        copied (what the clone never writes it reads from its base, which is kept from
+        pruning while the clone exists)."""
+        validate_volume_name(name)
+
+        def create(txn: lmdb.Transaction) -> VolumeInfo:
+            if txn.get(name.encode(), db=self._volumes) is not None:
+                raise VolumeExists(f"volume {name!r} already exists")
+            base = txn.get(keys.version_key(source.id, version), db=self._versions)
+            if base is None:
+                raise UnknownVersion(f"volume {source.name!r} has no version {version}")
+            base_info = _version_from(source.name, bytes(base))
+            vid = self._next_volume_id(txn)
+            info = VolumeInfo(name, vid, source.size, source.block_size, time.time(),
+                              parent=source.name, base=version)
+            txn.put(name.encode(), _volume_record(info), db=self._volumes)
+            record = {"version": 1, "timestamp": round(time.time(), 6), "size": source.size,
+                      "time": utc_iso(time.time()), "blocks_changed": 0, "bytes_stored": 0,
+                      "chunks_stored": 0, "consistency": base_info.consistency,
+                      "labels": {**base_info.labels, "clone_of": f"{source.name}@{version}"}}
+            txn.put(keys.version_key(vid, 1), json.dumps(record).encode(), db=self._versions)
+            txn.put(b"last_version:" + _u32(vid), b"1", db=self._meta)
+            return info
+        info = self.write(create)
+        self.sync()
+        return info
+
     # -- versions -------------------------------------------------------------------------------
 
     def latest_version(self, volume: VolumeInfo) -> int:
@@ -744,7 +774,30 @@ class Store:
         read: keys are compared as bytes, and unpacked only to skip a run of holes.
         """
         txn = r.txn if isinstance(r, Reading) else r
-        out: list[bytes | None] = []
+        if volume.parent is None:
+            return self._own_digests(txn, volume, version, first, count, None)  # type: ignore[return-value]
+        # A clone: what it never wrote is its base version's (of a clone, maybe, in turn).
+        out = self._own_digests(txn, volume, version, first, count, _UNSET)
+        unset = [i for i, d in enumerate(out) if d is _UNSET]
+        if unset:
+            parent = self._parent(txn, volume)
+            lo, hi = unset[0], unset[-1] + 1
+            inherited = self.block_digests(txn, parent, volume.base or 0, first + lo, hi - lo)
+            for i in unset:
+                out[i] = inherited[i - lo]
+        return out  # type: ignore[return-value]
+
+    def _parent(self, txn: lmdb.Transaction, volume: VolumeInfo) -> VolumeInfo:
+        assert volume.parent is not None
+        raw = txn.get(volume.parent.encode(), db=self._volumes)
+        if raw is None:
+            raise StoreError(f"clone {volume.name!r}: its base volume {volume.parent!r} is gone")
+        return _volume_from(volume.parent, bytes(raw))
+
+    def _own_digests(self, txn: lmdb.Transaction, volume: VolumeInfo, version: int, first: int,
+                     count: int, unset: object) -> list[object]:
+        """block_digests from the volume's own map; ``unset`` where it has no entry."""
+        out: list[object] = []
         cur = txn.cursor(db=self._map)
         vid = volume.id
         block = first
@@ -764,12 +817,12 @@ class Store:
             key_vid, key_block, _ = keys.unpack_map_key(bytes(found))
             if key_vid != vid:
                 break
-            # Blocks block..key_block-1 have no entry at or below `version`: zeros. The next
-            # turn seeks key_block itself at `version` (the entry we landed on may be newer).
+            # Blocks block..key_block-1 have no entry at or below `version`. The next turn
+            # seeks key_block itself at `version` (the entry we landed on may be newer).
             stop = min(key_block, end)
-            out.extend([None] * (stop - block))
+            out.extend([unset] * (stop - block))
             block = stop
-        out.extend([None] * (end - block))
+        out.extend([unset] * (end - block))
         return out
 
     def has_chunk(self, r: Reading, digest: bytes) -> bool:
@@ -962,13 +1015,19 @@ class Store:
             # the newest entry at or below `pending` sorts first.
             had_pending: bytes | None = None
             previous: bytes | None = None
+            own_previous = False
             if cur.set_range(pending_key) and cur.key()[:prefix_size] == prefix:
                 if cur.key() == pending_key:
                     had_pending = bytes(cur.value())
                     if cur.next() and cur.key()[:prefix_size] == prefix:
                         previous = bytes(cur.value()) or None
+                        own_previous = True
                 else:
                     previous = bytes(cur.value()) or None
+                    own_previous = True
+            if not own_previous and volume.parent is not None:
+                # Never written in the clone: its previous content is the base's.
+                previous = self.block_digests(txn, volume, counters.version - 1, block, 1)[0]
             if digest is not None:
                 self._index_chunk(txn, digest, located, counters, live, block, volume)
             if had_pending:

@@ -129,7 +129,8 @@ def stop_tracker(device: str) -> None:
 
 
 @contextlib.contextmanager
-def attached(srv: Server, export: str, workdir: Path, *, overlay: bool = False) -> Iterator[str]:
+def attached(srv: Server, export: str, workdir: Path, *, overlay: bool = False,
+             writable: bool = False) -> Iterator[str]:
     """A committed version as a loop device: nbdfuse exposes the export as a file.
 
     Read-only by default. With ``overlay`` the version is writable through a copy-on-write
@@ -145,7 +146,7 @@ def attached(srv: Server, export: str, workdir: Path, *, overlay: bool = False) 
                   f"socket={srv.socket}", f"export={export}"]
     else:
         source = [srv.uri(export)]
-    fuse = subprocess.Popen(["nbdfuse", *([] if overlay else ["-r"]), "-P", str(pidfile),
+    fuse = subprocess.Popen(["nbdfuse", *([] if overlay or writable else ["-r"]), "-P", str(pidfile),
                              str(fuse_dir), *source],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -154,11 +155,19 @@ def attached(srv: Server, export: str, workdir: Path, *, overlay: bool = False) 
             if fuse.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"nbdfuse failed: {fuse.stderr.read() if fuse.stderr else ''}")
             time.sleep(0.05)
-        ro = [] if overlay else ["-r"]
+        ro = [] if overlay or writable else ["-r"]
         dev = run("losetup", *ro, "-f", "--show", str(fuse_dir / "nbd")).stdout.strip()
         try:
             yield dev
         finally:
+            if writable:
+                # Flush the loop device into the file, and the file (a FLUSH) into a version.
+                run("blockdev", "--flushbufs", dev, check=False)
+                fd = os.open(fuse_dir / "nbd", os.O_RDWR)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             run("losetup", "-d", dev, check=False)
     finally:
         for _ in range(100):
