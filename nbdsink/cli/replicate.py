@@ -57,6 +57,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-freeze", type=parse_duration, default=2.0, metavar="DURATION",
                    help="longest the filesystem may stay frozen; more than that to read and "
                         "the sender thaws and converges further (default 2s)")
+    p.add_argument("--io-timeout", type=parse_duration, default=60.0, metavar="DURATION",
+                   help="deadline of the connect, the handshake and every request; a server "
+                        "that stops answering fails the cycle, which is retried (default 60s)")
     p.add_argument("--verify", action="store_true",
                    help="with --once: afterwards compare the whole device with the replica "
                         "(only digests cross the network) and send what differs in one more "
@@ -108,7 +111,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         interval=args.interval, freeze=args.freeze, pre_hook=args.pre_hook,
         post_hook=args.post_hook, frozen_hook=args.frozen_hook, hook_timeout=args.hook_timeout,
         tracker=args.tracker, verify=args.verify, verify_interval=args.verify_interval,
-        verify_rate=args.verify_rate,
+        verify_rate=args.verify_rate, io_timeout=args.io_timeout,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
     )
     trio.run(replicate, options)

@@ -270,8 +270,12 @@ class Connection:
     """
 
     def __init__(
-        self, channel: _Channel, export: ExportReady, *, window: int, request_size: int
+        self, channel: _Channel, export: ExportReady, *, window: int, request_size: int,
+        timeout: float | None = None,
     ) -> None:
+        self.timeout = timeout
+        """Seconds a request may wait for its reply; past that the connection is failed (a
+        stalled server): None waits for ever."""
         self._stream = channel.stream
         # Plain sockets let large read payloads land straight in the caller's buffer.
         socket_stream = channel.stream
@@ -519,7 +523,20 @@ class Connection:
             if not registered:
                 self._window.release()
         try:
-            await pending.done.wait()
+            if self.timeout is None:
+                await pending.done.wait()
+            else:
+                with trio.move_on_after(self.timeout):
+                    await pending.done.wait()
+                if not pending.done.is_set():
+                    # A server that accepted the request and never answers: the connection
+                    # cannot be trusted to answer in order any more. Fail it; the caller
+                    # reconnects.
+                    self._fail(NBDConnectionError(
+                        f"no reply to {p.command_name(command)} within {self.timeout:g}s "
+                        "(server stalled)"))
+                    await trio.aclose_forcefully(self._stream)
+                    await pending.done.wait()
         except BaseException:
             pending.abandoned = True  # its reply will be read and dropped
             if command == p.NBD_CMD_READ and not pending.done.is_set():
@@ -607,8 +624,11 @@ async def open_connection(
     *,
     window: int = DEFAULT_WINDOW,
     request_size: int = DEFAULT_REQUEST_SIZE,
+    timeout: float | None = None,
 ) -> Connection:
-    """Connect and start the reply reader in ``nursery``; close with :meth:`Connection.aclose`."""
+    """Connect and start the reply reader in ``nursery``; close with :meth:`Connection.aclose`.
+
+    ``timeout`` bounds the connect and handshake, and each request's wait for its reply."""
     if window < 1:
         raise LocalProtocolError("window must be at least 1")
     export: list[ExportReady] = []
@@ -616,8 +636,15 @@ async def open_connection(
     async def go(channel: _Channel) -> None:
         export.append(await channel.negotiate(channel.target.export))
 
-    channel = await _handshake(uri, tls, go)
-    conn = Connection(channel, export[0], window=window, request_size=request_size)
+    if timeout is None:
+        channel = await _handshake(uri, tls, go)
+    else:
+        with trio.move_on_after(timeout) as scope:
+            channel = await _handshake(uri, tls, go)
+        if scope.cancelled_caught:
+            raise NBDConnectionError(f"{uri}: no connection and handshake within {timeout:g}s")
+    conn = Connection(channel, export[0], window=window, request_size=request_size,
+                      timeout=timeout)
     await nursery.start(conn._reader)
     return conn
 
@@ -629,17 +656,19 @@ async def connect(
     *,
     window: int = DEFAULT_WINDOW,
     request_size: int = DEFAULT_REQUEST_SIZE,
+    timeout: float | None = None,
 ) -> AsyncIterator[Connection]:
     """Connect to an NBD export named by a libnbd-style URI; disconnect on exit.
 
     ``tls`` overrides the URI's ``tls-*`` parameters (nbds:// schemes only). ``window`` is
-    the number of requests kept in flight, ``request_size`` the largest READ/WRITE payload.
+    the number of requests kept in flight, ``request_size`` the largest READ/WRITE payload,
+    ``timeout`` the deadline of the connect and handshake and of each request's reply.
     """
     error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             conn = await open_connection(
-                nursery, uri, tls, window=window, request_size=request_size
+                nursery, uri, tls, window=window, request_size=request_size, timeout=timeout
             )
             try:
                 yield conn

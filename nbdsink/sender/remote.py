@@ -76,6 +76,7 @@ class NbdRemote:
 
     def __init__(self, uri: str, conn: Connection, tls: TLSConfig | None,
                  head_digests: Connection | None = None) -> None:
+        self.timeout = conn.timeout
         self.uri = uri
         self.volume = volume_of(uri)
         self.conn = conn
@@ -94,7 +95,7 @@ class NbdRemote:
         """A connection to the digests view of ``version`` (None if the server has none)."""
         try:
             async with nbd.connect(with_export(self.uri, digests_export(self.volume, version)),
-                                   self.tls) as view:
+                                   self.tls, timeout=self.timeout) as view:
                 yield view if self._is_digests_view(view) else None
         except NBDOptionError:
             yield None
@@ -165,7 +166,8 @@ class NbdRemote:
         (nothing had changed: the newest version stays what it was)."""
         before = await self.latest_version()
         name = head_name(self.volume, consistency, labels)
-        async with nbd.connect(with_export(self.uri, name), self.tls) as committer:
+        async with nbd.connect(with_export(self.uri, name), self.tls,
+                               timeout=self.timeout) as committer:
             await committer.flush()
         after = await self.latest_version()
         return None if after == before else after
@@ -174,7 +176,7 @@ class NbdRemote:
         """The newest committed version (None when the volume has none yet)."""
         try:
             async with nbd.connect(
-                with_export(self.uri, f"{self.volume}@latest"), self.tls
+                with_export(self.uri, f"{self.volume}@latest"), self.tls, timeout=self.timeout
             ) as latest:
                 return version_from_description(latest.description)
         except NBDOptionError:
@@ -220,13 +222,15 @@ class NbdRemote:
 
 @contextlib.asynccontextmanager
 async def open_remote(
-    uri: str, tls: TLSConfig | None = None, *, window: int = 16, device_size: int | None = None
+    uri: str, tls: TLSConfig | None = None, *, window: int = 16, device_size: int | None = None,
+    timeout: float | None = None,
 ) -> AsyncIterator[NbdRemote]:
     """Connect to the head the URI names; a volume that does not exist is a clear error."""
     volume = volume_of(uri)
     async with contextlib.AsyncExitStack() as stack:
         try:
-            conn = await stack.enter_async_context(nbd.connect(uri, tls, window=window))
+            conn = await stack.enter_async_context(
+                nbd.connect(uri, tls, window=window, timeout=timeout))
         except NBDOptionError as exc:
             raise VolumeMismatch(
                 f"the server refused volume {volume!r}: {exc.message or exc} "
@@ -237,7 +241,7 @@ async def open_remote(
         head_digests: Connection | None = None
         with contextlib.suppress(NBDOptionError):
             head_digests = await stack.enter_async_context(
-                nbd.connect(with_export(uri, digests_export(volume)), tls))
+                nbd.connect(with_export(uri, digests_export(volume)), tls, timeout=timeout))
         yield NbdRemote(uri, conn, tls, head_digests)
 
 

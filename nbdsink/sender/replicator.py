@@ -74,6 +74,8 @@ class ReplicateOptions:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     tls: TLSConfig | None = None
+    io_timeout: float = 60.0
+    """Seconds the connect, the handshake and each request may take (0: no limit)."""
     verify: bool = False
     """With once: compare the whole device with the version afterwards (verify.py)."""
     verify_interval: float = 0.0
@@ -211,7 +213,8 @@ class Replicator:
         backend = opts.tracker or self._saved_backend() or default_backend()
         with Device(opts.device) as device:
             async with open_remote(opts.uri, opts.tls, window=opts.window,
-                                   device_size=device.size) as remote:
+                                   device_size=device.size,
+                                   timeout=opts.io_timeout or None) as remote:
                 state = self._state_for(device, remote, backend)
                 state.tracker = backend
                 tracker, full = await self._tracker(remote, state)

@@ -21,6 +21,8 @@ class Proxy:
         self.connections = 0
         self._scopes: set[trio.CancelScope] = set()
         self._refusing = False
+        self._stalled = False
+        self._unstalled: trio.Event | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -41,6 +43,16 @@ class Proxy:
     def restore(self) -> None:
         self._call(self._cut, False)
 
+    def stall(self, on: bool = True) -> None:
+        """Stop forwarding (both ways) but keep every connection open: a server that hangs."""
+        self._call(self._set_stall, on)
+
+    def _set_stall(self, on: bool) -> None:
+        self._stalled = on
+        if not on:
+            self._unstalled.set()
+            self._unstalled = trio.Event()
+
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         assert self._token is not None
         trio.from_thread.run_sync(fn, *args, trio_token=self._token)
@@ -56,6 +68,7 @@ class Proxy:
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        self._unstalled = trio.Event()
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         self.listen.unlink(missing_ok=True)
         await sock.bind(str(self.listen))
@@ -91,6 +104,9 @@ class Proxy:
     ) -> None:
         try:
             while data := await src.receive_some(1 << 16):
+                while self._stalled:
+                    assert self._unstalled is not None
+                    await self._unstalled.wait()
                 await dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

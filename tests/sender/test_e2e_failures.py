@@ -73,6 +73,27 @@ def test_connection_cut_and_server_restart_mid_cycle(tmp_path: Path) -> None:
         assert [v["consistency"] for v in versions] == ["none", "none"]
 
 
+def test_a_server_that_stops_answering_fails_the_cycle_which_is_retried(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "img", SIZE)
+    with loop_device(img) as dev, server(tmp_path, "vol", SIZE) as srv:
+        try:
+            _fill(dev, 0, 40 * MiB)
+            uri = f"nbd+unix:///vol?socket={tmp_path / 'proxy.sock'}"
+            with Proxy(tmp_path / "proxy.sock", srv.socket) as proxy:
+                sender = Sender(tmp_path / "sender.log", dev, uri, "--state",
+                                str(tmp_path / "state"), "--interval", "500ms", "--rate", "16M",
+                                "--io-timeout", "2s")
+                time.sleep(1.0)
+                proxy.stall()  # accepted, never answered: no error, no close
+                sender.wait_for("server stalled", 30)
+                proxy.stall(False)
+                sender.wait_for("cycle version=1 ", 60)
+                assert sender.terminate() == 0
+        finally:
+            stop_tracker(dev)
+        assert _latest_equals_device(srv, dev, tmp_path) == 1
+
+
 def test_device_disappears_mid_cycle(tmp_path: Path) -> None:
     img = make_image(tmp_path / "img", SIZE)
     state = tmp_path / "state"
