@@ -21,7 +21,8 @@ from nbdsink.store import Store
 from nbdsink.store.serve_lock import take_serve_lock
 from nbdsink.units import parse_size
 
-PLUGIN = Path(nbdsink.__file__).resolve().parent.parent / "plugins" / "nbdsink_plugin.py"
+PLUGIN = Path(nbdsink.__file__).resolve().parent / "server" / "nbdkit_plugin.py"
+"""The plugin nbdkit loads: part of the package, so an installed nbdsink serves too."""
 
 
 def register(sub: Any) -> None:
@@ -144,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _clear_stale_socket(args.socket or "/run/nbdsink.sock")
     cmd = nbdkit_command(args, store)
     env = dict(os.environ)
-    site_dirs = [str(PLUGIN.parent.parent)] + [p for p in sys.path if p.endswith("site-packages")]
+    site_dirs = [str(PLUGIN.parents[2])] + [p for p in sys.path if p.endswith("site-packages")]
     env["NBDSINK_SITE_DIRS"] = os.pathsep.join(site_dirs)
     where = args.listen or args.socket or "/run/nbdsink.sock"
     print(f"nbdsink: serving {store} on {where}", file=sys.stderr, flush=True)

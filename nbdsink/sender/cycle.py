@@ -148,11 +148,9 @@ class Cycle:
 
     def _noter(self, generation: int) -> Note | None:
         """What tells a tracker that learns from the data sent (scan) what was sent."""
-        note_sent: Callable[[int, int, bytes | memoryview], None] | None = getattr(
-            self.tracker, "note_sent", None
-        )
-        if note_sent is None:
+        if not self.tracker.learns_from_sent_data:
             return None
+        note_sent = self.tracker.note_sent
         cs = self.transfer.config.chunk_size
         zeros = memoryview(bytes(cs * max(1, (4 << 20) // cs)))
 

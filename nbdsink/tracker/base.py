@@ -120,6 +120,14 @@ class Tracker(abc.ABC):
     def close(self) -> None:  # noqa: B027 -- most backends hold nothing per handle
         """Release what this handle holds (the tracking itself goes on)."""
 
+    learns_from_sent_data = False
+    """True for a tracker that must be told what was sent (:meth:`note_sent`): the scan
+    backend, whose reference is what the remote holds."""
+
+    def note_sent(self, generation: int, offset: int, data: bytes | memoryview) -> None:  # noqa: B027
+        """The sender pushed ``data`` (whole chunks from ``offset``) for ``generation``.
+        Only trackers with :attr:`learns_from_sent_data` need it."""
+
 
 def merge_chunks(chunks: list[int] | range, chunk_size: int, device_size: int) -> list[Extent]:
     """Turn sorted chunk indexes into merged byte extents, the last clipped to the device."""

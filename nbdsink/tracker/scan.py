@@ -140,6 +140,7 @@ class ScanTracker(Tracker):
     """Change tracking by comparison with reference digests."""
 
     backend = BACKEND
+    learns_from_sent_data = True
 
     def __init__(self, device: str, name: str) -> None:
         self.device = device

@@ -400,7 +400,7 @@ def write(chunk):
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
     os.pwritev(fd, [buf], chunk * chunk_size); os.close(fd)
 def ack(d):
-    note = getattr(t, "note_sent", None)                 # the scan backend wants what was sent
+    note = t.note_sent if t.learns_from_sent_data else None   # the scan backend wants what was sent
     if note is not None:
         fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
         for off, length in d.extents:
