@@ -48,3 +48,28 @@ def test_a_store_that_is_a_file(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "volume", "create", "v",
                           "--size", "1M", "--store", str(afile)], capture_output=True, text=True)
     assert run.returncode == 1 and "is a file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_config_files(tmp_path: Path) -> None:
+    """The examples in deploy/ are valid; a flag on the command line wins over the file."""
+    from nbdsink.cli.main import apply_config_file, build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    for command, example in (("serve", "serve.toml.example"),
+                             ("replicate", "replicate.toml.example")):
+        parser = build_parser()
+        path = repo / "deploy" / "systemd" / example
+        apply_config_file(parser, [command, "--config", str(path)])
+        args = parser.parse_args([command, "--config", str(path)])
+        if command == "serve":
+            assert args.listen == "0.0.0.0:10809" and args.max_connections == 64
+        else:
+            assert args.device == "/dev/vg0/root" and args.max_freeze == 2.0
+            assert args.interval == 30.0
+    config = tmp_path / "r.toml"
+    config.write_text('device = "/dev/sdz"\nuri = "nbd://h/v"\ninterval = "30s"\n')
+    parser = build_parser()
+    argv = ["replicate", "--config", str(config), "--interval", "5s"]
+    apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    assert args.interval == 5.0 and args.device == "/dev/sdz"

@@ -12,10 +12,11 @@ import importlib
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
 
 from nbdsink import __version__
-from nbdsink.errors import NbdsinkError
+from nbdsink.errors import NbdsinkError, UsageError
 
 COMMAND_MODULES = [
     "nbdsink.cli.store_commands",
@@ -44,9 +45,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_COMMANDS = ("serve", "replicate")
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``serve --config FILE`` and ``replicate --config FILE``: every long option of the command
+    as a TOML key (``max-freeze = "2s"``, ``device = "/dev/sdb"``); the command line wins."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    if path is None or command not in CONFIG_COMMANDS:
+        return
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cmd_parser = sub.choices[command]
+    actions = {a.dest: a for a in cmd_parser._actions}
+    defaults = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("help", "config"):
+            raise UsageError(f"--config {path}: {command} has no option {key!r}")
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: {key} must be true or false")
+        elif action.type is not None and not isinstance(value, str):
+            value = str(value)  # through the option's own parser, as on the command line
+        defaults[dest] = value
+    cmd_parser.set_defaults(**defaults)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
+        apply_config_file(parser, list(sys.argv[1:] if argv is None else argv))
         args = parser.parse_args(argv)
     except NbdsinkError as exc:
         # A value an argument's type refused (a size, a duration, a rate): one line.

@@ -33,8 +33,12 @@ def register(sub: Any) -> None:
             "was not acknowledged is forgotten."
         ),
     )
-    p.add_argument("device", help="the block device to replicate, e.g. /dev/vg0/root")
-    p.add_argument("uri", help="the backup volume's head, e.g. nbds://backup.example/web01-root")
+    p.add_argument("device", nargs="?", help="the block device to replicate, e.g. /dev/vg0/root")
+    p.add_argument("uri", nargs="?",
+                   help="the backup volume's head, e.g. nbds://backup.example/web01-root")
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML file with any of these options as keys (device, uri, state, "
+                        "interval, freeze, max-freeze ...); the command line wins")
     p.add_argument("--state", metavar="DIR", default=DEFAULT_STATE,
                    help=f"state directory (default {DEFAULT_STATE}); one per replication")
     when = p.add_mutually_exclusive_group()
@@ -57,6 +61,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-freeze", type=parse_duration, default=2.0, metavar="DURATION",
                    help="longest the filesystem may stay frozen; more than that to read and "
                         "the sender thaws and converges further (default 2s)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--io-timeout", type=parse_duration, default=60.0, metavar="DURATION",
                    help="deadline of the connect, the handshake and every request; a server "
                         "that stops answering fails the cycle, which is retried (default 60s)")
@@ -96,6 +102,10 @@ def register(sub: Any) -> None:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
+    if not args.device or not args.uri:
+        from nbdsink.errors import UsageError
+
+        raise UsageError("replicate needs DEVICE and URI (on the command line or in --config)")
     if args.verify and not args.once:
         from nbdsink.errors import UsageError
 
@@ -114,6 +124,10 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         verify_rate=args.verify_rate, io_timeout=args.io_timeout,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
     )
+    if args.metrics:
+        from nbdsink.metrics import serve_metrics
+
+        serve_metrics(args.metrics)
     trio.run(replicate, options)
     return 0
 

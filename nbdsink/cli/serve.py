@@ -17,6 +17,7 @@ from typing import Any
 import nbdsink
 from nbdsink.cli.common import add_store_argument, store_path
 from nbdsink.errors import NbdsinkError, UsageError
+from nbdsink.metrics import parse_address
 from nbdsink.store import Store
 from nbdsink.store.serve_lock import take_serve_lock
 from nbdsink.units import parse_size
@@ -54,6 +55,11 @@ def register(sub: Any) -> None:
                    help="serve every export read-only: an attach-only host")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="refuse connections beyond N at once (default 64)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML file with any of these options as keys (store, listen, "
+                        "tls-certificates, max-connections ...); the command line wins")
     # Python callbacks share one GIL: beyond two threads per connection they mostly
     # contend for it (measured: 16 threads ingest ~40% slower than 2).
     p.add_argument("--threads", type=int, default=2,
@@ -105,6 +111,9 @@ def nbdkit_command(args: argparse.Namespace, store: str) -> list[str]:
         cmd.append(f"map_size={args.map_size}")
     if args.batch_size:
         cmd.append(f"batch_size={args.batch_size}")
+    if args.metrics:
+        parse_address(args.metrics)  # a clear error here, not in nbdkit's log
+        cmd.append(f"metrics={args.metrics}")
     return cmd
 
 

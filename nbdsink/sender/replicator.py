@@ -19,7 +19,7 @@ from datetime import datetime
 
 import trio
 
-from nbdsink import nbd
+from nbdsink import metrics, nbd
 from nbdsink.nbd import TLSConfig
 from nbdsink.sender import freeze as freezing
 from nbdsink.sender.backoff import Backoff
@@ -368,6 +368,11 @@ class Replicator:
         now = utc_now()
         captured = datetime.fromisoformat(result.captured_at.replace("Z", "+00:00"))
         lag = (now - captured).total_seconds()
+        metrics.LAG.captured_at = captured.timestamp()
+        metrics.REPLICATE_BYTES_SENT.inc(result.stats.bytes_written)
+        metrics.REPLICATE_CYCLE_SECONDS.observe(result.duration)
+        if result.freeze_seconds is not None:
+            metrics.REPLICATE_FREEZE_SECONDS.observe(result.freeze_seconds)
         rpo = None
         if previous_capture is not None and result.version is not None:
             rpo = (now - datetime.fromisoformat(previous_capture.replace("Z", "+00:00"))).total_seconds()
@@ -394,6 +399,7 @@ class Replicator:
         state.last_error = None
 
     def _record_error(self, exc: BaseException) -> None:
+        metrics.REPLICATE_ERRORS.inc()
         try:
             state = self.state_dir.load()
             if state is not None:

@@ -35,6 +35,7 @@ def _add_site_dirs() -> None:
 
 _add_site_dirs()
 
+from nbdsink import metrics  # noqa: E402
 from nbdsink.server.maintenance import run_maintenance  # noqa: E402
 from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
 from nbdsink.store import Store  # noqa: E402
@@ -65,9 +66,10 @@ def thread_model() -> int:
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("store", "map_size", "batch_size"):
+    if key not in ("store", "map_size", "batch_size", "metrics"):
         raise RuntimeError(
-            f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE] [batch_size=SIZE]"
+            f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE] [batch_size=SIZE] "
+            "[metrics=HOST:PORT]"
         )
     _config[key] = value
 
@@ -133,6 +135,9 @@ def after_fork() -> None:
                      name="nbdsink-idle-saver").start()
     threading.Thread(target=run_maintenance, args=(_store, _heads, _stop, _log), daemon=True,
                      name="nbdsink-maintenance").start()
+    if "metrics" in _config:
+        metrics.REGISTRY.register(metrics.StoreCollector(_store))
+        metrics.serve_metrics(_config["metrics"])
 
 
 def _log(message: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
+from nbdsink.metrics import INGEST_BYTES
 from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
 from nbdsink.store.segments import SegmentGone
@@ -225,6 +226,7 @@ class Head:
         """Write ``data`` at ``offset``. ``data`` may be a view of a buffer that is reused
         after this returns: whatever is kept is copied."""
         self._apply(offset, len(data), data)
+        INGEST_BYTES.inc(len(data))
 
     def zero(self, length: int, offset: int) -> None:
         self._apply(offset, length, None)

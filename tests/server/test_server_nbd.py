@@ -344,3 +344,26 @@ def test_safe_defaults_read_only_and_connection_limit(tmp_path: Path) -> None:
         time.sleep(0.5)
         connect(srv.uri("vol")).shutdown()  # a slot is free again
         b.shutdown()
+
+
+def test_metrics(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--metrics",
+                        f"127.0.0.1:{port}")
+    srv.create_volume("vol", SIZE, BS)
+    with srv:
+        h = connect(srv.uri("vol"))
+        h.pwrite(b"m" * BS, 0)
+        h.flush()
+        h.shutdown()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'nbdsink_volume_versions{volume="vol"} 1.0' in text
+    assert "nbdsink_volume_latest_version_timestamp_seconds" in text
+    assert 'nbdsink_store_bytes{kind="disk"}' in text and 'nbdsink_store_bytes{kind="stored"}' in text
+    ingest = [line for line in text.splitlines() if line.startswith("nbdsink_ingest_bytes_total")]
+    assert ingest and float(ingest[0].split()[-1]) == BS
