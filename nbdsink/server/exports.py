@@ -92,6 +92,10 @@ def parse_export_name(name: str) -> ExportName:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ExportNameError(f"export {name!r}: attribute {pair!r} is not key=value")
+        if not (key + value).isprintable():
+            raise ExportNameError(f"export {name!r}: attribute {key!r} holds control characters")
+        if key in attributes:
+            raise ExportNameError(f"export {name!r}: attribute {key!r} is given twice")
         attributes[key] = value
     consistency = attributes.get("consistency", "none")
     if consistency not in CONSISTENCY_LEVELS:
@@ -116,7 +120,10 @@ def parse_utc_time(text: str) -> float | None:
     if zone != "Z":
         sign = -1 if zone[0] == "-" else 1
         digits = zone[1:].replace(":", "")
-        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        hours, minutes = int(digits[:2]), int(digits[2:])
+        if hours > 14 or minutes > 59:
+            return None  # no such zone
+        offset = sign * (hours * 3600 + minutes * 60)
     frac = float("0." + fraction) if fraction else 0.0
     return dt.timestamp() + frac - offset
 

@@ -179,9 +179,13 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 def open(readonly: bool) -> Session:  # nbdkit's callback name shadows the builtin
     assert _store is not None and _heads is not None
-    name = nbdkit.export_name()
+    name = "?"
     try:
+        name = nbdkit.export_name()
         return Session(_store, _heads, name, readonly)
+    except UnicodeDecodeError:
+        nbdkit.set_error(errno.ENOENT)
+        raise PluginError("the export name is not valid UTF-8") from None
     except Exception as exc:
         nbdkit.debug(f"open {name!r}: {exc}")
         _fail(exc)

@@ -348,3 +348,22 @@ def test_a_chunk_without_its_tail_is_a_clear_error(tmp_path: Path) -> None:
     buf = bytearray(BS)
     with pytest.raises(StoreError, match=r"checksum|incomplete"):
         Session(store, Heads(store), "vol@1", readonly=True).pread(memoryview(buf), 0)
+
+
+@pytest.mark.parametrize("name", ["vol@01", "vol@\u0661", "vol@\uff11", "vol;k=v;k=w",
+                                  "vol;label=a\x07b", "vol@2026-11-21T10:00:00-99:99",
+                                  "vol;scratch", "vol@latest;bogus"])
+def test_one_spelling_per_export(name: str) -> None:
+    with pytest.raises(ExportNameError):
+        parse_export_name(name)
+
+
+def test_the_spellings_that_are_accepted() -> None:
+    assert parse_export_name("vol@1").version == 1
+    assert parse_export_name("vol@10").version == 10
+    assert parse_export_name("vol@3;scratch").view == "scratch"
+    assert parse_export_name("vol@latest;digests").view == "digests"
+    assert parse_export_name("vol;digests").view == "digests"
+    assert parse_export_name("vol;consistency=frozen;x=y").attributes == {
+        "consistency": "frozen", "x": "y"}
+    assert parse_export_name("vol@2026-11-21T10:00:00+14:00").kind == "time"
