@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 async def run_hook(command: str, *, phase: str, timeout: float, env: dict[str, str]) -> None:
     """Run ``command`` through ``/bin/sh -c``; a non-zero exit or a timeout is a HookError."""
     full_env = {**os.environ, "NBDSINK_HOOK": phase, **env}
+    started = trio.current_time()
     with trio.move_on_after(timeout) as scope:
         result = await trio.run_process(
             ["/bin/sh", "-c", command],
@@ -32,6 +33,8 @@ async def run_hook(command: str, *, phase: str, timeout: float, env: dict[str, s
     if scope.cancelled_caught:
         raise HookError(f"{phase} hook {command!r} did not finish within {timeout:g}s")
     output = (result.stdout + result.stderr).decode(errors="replace").strip()
+    log.info("%s hook %r: exit status %d after %.3fs", phase, command, result.returncode,
+             trio.current_time() - started)
     if output:
         log.info("%s hook output: %s", phase, output)
     if result.returncode != 0:
