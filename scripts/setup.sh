@@ -24,8 +24,8 @@ APT_PACKAGES=(
     clang llvm libbpf-dev libbpf1 bpftool
     # building the dm target module
     build-essential
-    # filesystems and workloads used by tests and benchmarks
-    e2fsprogs xfsprogs btrfs-progs dosfstools fio util-linux
+    # filesystems and workloads used by tests and benchmarks (a real database among them)
+    e2fsprogs xfsprogs btrfs-progs dosfstools fio util-linux postgresql-15
     # TLS certificates for tests
     gnutls-bin openssl
     # misc
