@@ -32,6 +32,7 @@ import lmdb
 
 from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_point
 from nbdsink.store.errors import StoreError, StoreFormatError
+from nbdsink.store.writeback import WritebackKicker
 
 SEGMENT_DIR = "segments"
 DEFAULT_SEGMENT_BYTES = 64 << 20
@@ -67,6 +68,8 @@ class Segment:
         self.page_size = int(self.env.stat()["psize"])
         self.users = 0
         self.retired = False
+        # Starts the disk on a commit's pages while LMDB still copies them (see writeback.py).
+        self.writeback = WritebackKicker(path)
 
     def used_bytes(self) -> int:
         """Bytes of the file's pages in use (what a full segment is measured by)."""
@@ -74,6 +77,7 @@ class Segment:
         return (int(info["last_pgno"]) + 1) * self.page_size
 
     def close(self) -> None:
+        self.writeback.close()
         self.env.close()
 
 
@@ -186,7 +190,8 @@ class SegmentSet:
         seg = self.acquire(sid, create=True)
         try:
             try:
-                with seg.env.begin(write=True) as txn:
+                txn = seg.env.begin(write=True)
+                try:
                     for digest, chunk in chunks:
                         length = len(chunk) - HEADER_SIZE
                         split = chunk[0] == FORMAT_SPLIT
@@ -195,6 +200,11 @@ class SegmentSet:
                         again = digest in replace
                         if txn.put(digest, view[:cut], db=seg.chunks, overwrite=again) and split:
                             txn.put(digest, view[cut:], db=seg.tails)
+                except BaseException:
+                    txn.abort()
+                    raise
+                with seg.writeback.during():
+                    txn.commit()
             except lmdb.MapFullError as exc:
                 raise StoreError(f"segment {sid} is full ({exc})") from exc
             except lmdb.Error as exc:
