@@ -18,7 +18,7 @@ from nbdsink.store import Store, reclaim
 
 PASS_INTERVAL = 5.0
 """Seconds between two passes."""
-PRUNE_INTERVAL = 10.0
+PRUNE_INTERVAL = 2.0
 """A volume's policy is applied at most this often (and only after it committed)."""
 PASS_BUDGET = 2.0
 """Seconds a pass may spend sweeping and compacting before it yields to the next one."""
@@ -71,7 +71,12 @@ def run_maintenance(store: Store, heads: Heads, stop: threading.Event,
                     log: Callable[[str], None] = lambda _m: None) -> None:
     """Passes of :class:`Maintenance` until ``stop`` is set (run it in a daemon thread)."""
     upkeep = Maintenance(store, heads, log)
-    while not stop.wait(PASS_INTERVAL):
+    while not stop.is_set():
+        # A commit wakes the upkeep at once (a policy may prune now), else every interval.
+        heads.committed.wait(PASS_INTERVAL)
+        heads.committed.clear()
+        if stop.is_set():
+            return
         try:
             upkeep.run_pass()
         except NbdsinkError as exc:

@@ -70,6 +70,8 @@ class Heads:
         self._heads: dict[str, Head] = {}
         self._lock = threading.Lock()
         self.gate = DedupGate()
+        self.committed = threading.Event()
+        """Set by every commit: wakes the background upkeep (retention applies at once)."""
 
     def get(self, volume: VolumeInfo) -> Head:
         with self._lock:
@@ -154,6 +156,7 @@ class Session:
         self.version_info: VersionInfo | None = None
         self.digests = self.name.view == DIGESTS_VIEW
         self.scratch: ScratchOverlay | None = None
+        self._heads = heads
         if self.name.kind == "head":
             self.head = heads.get(self.volume)
             self.readonly = readonly or self.digests
@@ -267,7 +270,10 @@ class Session:
             return None
         attrs = dict(self.name.attributes)
         consistency = attrs.pop("consistency", "none")
-        return self.head.commit(consistency, attrs)
+        info = self.head.commit(consistency, attrs)
+        if info is not None:
+            self._heads.committed.set()
+        return info
 
     def extents(self, count: int, offset: int) -> list[tuple[int, int, int]]:
         if self.digests or self.scratch is not None:
