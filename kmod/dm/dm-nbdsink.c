@@ -13,7 +13,25 @@
  * message returns nothing can set a bit in the generation it closed.
  *
  * Everything else (checkpoint, release, status, the ioctl, metadata I/O) runs in process
- * context under one mutex.
+ * context under the instance's mutex.
+ *
+ * Locking, always in this order (never the reverse):
+ *
+ *   nbdsink_targets_lock  ->  nc->lock  ->  prev->lock (SINGLE_DEPTH_NESTING)
+ *
+ * nbdsink_targets_lock guards the registry of instances only. It is held to find an
+ * instance and take a reference (the ioctls), and by preresume to pair a new table with the
+ * one it replaces (prev) and move the state over in memory: never across I/O, an allocation
+ * or a user copy. nc->lock guards one instance's state and is held across its metadata I/O
+ * (suspend, resume, messages), so the ioctls fill a kernel buffer under it and copy that to
+ * user memory only after dropping it: the copy may fault and wait for I/O to a suspended
+ * device, which only a resume (that needs nc->lock) would let through. The hot path takes
+ * no lock. A reference (nc->ref) keeps an instance's memory while an ioctl uses it after
+ * the destructor: the destructor marks it removed under nc->lock and puts its devices.
+ *
+ * Suspend, resume, messages and metadata I/O may run while this device (or one it stacks
+ * on) is suspended: their allocations run in a memalloc_noio scope or with GFP_NOIO, so
+ * that reclaim never waits for I/O that waits for them.
  *
  * User-space interface: include/nbdsink_dm.h.
  */
@@ -26,6 +44,7 @@
 #include <linux/device-mapper.h>
 #include <linux/fs.h>
 #include <linux/init.h>
+#include <linux/kref.h>
 #include <linux/list.h>
 #include <linux/log2.h>
 #include <linux/miscdevice.h>
@@ -34,6 +53,7 @@
 #include <linux/mutex.h>
 #include <linux/random.h>
 #include <linux/rcupdate.h>
+#include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
@@ -56,6 +76,7 @@ struct nbdsink_gen {
 };
 
 struct nbdsink_c {
+	struct kref ref;		/* the table's, plus one per ioctl or preresume using it */
 	struct dm_target *ti;
 	struct dm_dev *dev;
 	struct dm_dev *meta;		/* NULL without a metadata device */
@@ -74,10 +95,11 @@ struct nbdsink_c {
 	u64 epoch;
 	u64 lost_gen;			/* 0: intact */
 	u64 meta_seq;
-	bool loaded;			/* state taken over or read by the first preresume */
-	bool resumed_once;		/* has been the live table */
+	bool loaded;			/* state taken over or read by a preresume */
 	bool suspended;
-	bool meta_error;
+	bool meta_error;		/* the last metadata load or write failed */
+	bool handed_over;		/* the state moved to a reload's table (both locks held) */
+	bool removed;			/* destructed: devices put, only the memory is left */
 
 	struct list_head registry;	/* nbdsink_targets, under nbdsink_targets_lock */
 };
@@ -292,18 +314,33 @@ static u32 bitmap_crc(struct nbdsink_c *nc, const unsigned long *bits)
 #endif
 }
 
-/* Write the header (state CLEAN after the bitmaps, or ACTIVE) and make it durable. */
+/*
+ * Under nc->lock: write the header (state CLEAN after the bitmaps, or ACTIVE) and make it
+ * durable. It lists every closed generation and the open one; more than it holds would be
+ * a bug elsewhere, refused here rather than written past the header's gens[].
+ */
 static int meta_write(struct nbdsink_c *nc, u32 state)
 {
-	struct nbdsink_dm_meta_header *h;
+	struct nbdsink_dm_meta_header *h = NULL;
 	struct nbdsink_gen *g;
 	unsigned int slot = 0;
 	int r = 0;
 
-	h = kzalloc(META_BLOCK, GFP_KERNEL);
-	if (!h)
-		return -ENOMEM;
+	if (WARN_ON_ONCE(nc->nr_closed >= ARRAY_SIZE(h->gens))) {
+		r = -EOVERFLOW;
+		goto out;
+	}
+	h = kzalloc(META_BLOCK, GFP_NOIO);
+	if (!h) {
+		r = -ENOMEM;
+		goto out;
+	}
 	list_for_each_entry(g, &nc->closed, list) {
+		/* One slot stays for the open generation. */
+		if (WARN_ON_ONCE(slot >= ARRAY_SIZE(h->gens) - 1)) {
+			r = -EOVERFLOW;
+			goto out;
+		}
 		h->gens[slot].first = cpu_to_le64(g->first);
 		h->gens[slot].last = cpu_to_le64(g->last);
 		slot++;
@@ -373,75 +410,90 @@ static void meta_lose(struct nbdsink_c *nc, u64 next_gen, const char *why)
 
 /*
  * First resume: continue from the bitmaps a clean stop left, or report tracking lost.
- * Only an I/O error fails (the resume then fails too): any content problem means "lost".
+ * Only an I/O error or a lack of memory fails (the resume then fails too): any content
+ * problem means "lost". All or nothing: every slot is read into new bitmaps first and nc
+ * changes only once all of them were read, so a failed load leaves nc as it was and a
+ * retried resume starts over from the same state. nc->closed is empty here: nothing can
+ * checkpoint an instance that has not loaded its state.
  */
 static int meta_load(struct nbdsink_c *nc)
 {
 	struct nbdsink_dm_meta_header *h;
-	struct nbdsink_gen *g, *open = open_gen(nc);
+	struct nbdsink_gen *g, *tmp, *open = NULL, *old;
+	const char *lost = NULL;
+	LIST_HEAD(closed);
 	unsigned int nr, i;
 	u64 next;
 	int r;
 
-	h = kzalloc(META_BLOCK, GFP_KERNEL);
+	h = kzalloc(META_BLOCK, GFP_NOIO);
 	if (!h)
 		return -ENOMEM;
 	r = meta_io(nc, REQ_OP_READ, 0, h, META_BLOCK, false);
-	if (r)
-		goto out;
-	if (header_is_zero(h))
-		goto out;	/* a new metadata device: a new tracking history */
+	if (r || header_is_zero(h))
+		goto out;	/* zeros: a new metadata device, a new tracking history */
 
-	nc->meta_seq = le64_to_cpu(h->seq);
 	nr = le32_to_cpu(h->nr_gens);
-	next = nr && nr <= NBDSINK_DM_MAX_CLOSED + 1 ? le64_to_cpu(h->gens[nr - 1].last) + 1 : 1;
-	if (le32_to_cpu(h->crc) != header_crc(h) || le32_to_cpu(h->version) != NBDSINK_DM_META_VERSION ||
-	    !nr || nr > NBDSINK_DM_MAX_CLOSED + 1) {
-		meta_lose(nc, 1, "metadata header is corrupt");
-		goto out;
+	next = nr && nr <= ARRAY_SIZE(h->gens) ? le64_to_cpu(h->gens[nr - 1].last) + 1 : 1;
+	if (le32_to_cpu(h->crc) != header_crc(h) ||
+	    le32_to_cpu(h->version) != NBDSINK_DM_META_VERSION || !nr || nr > ARRAY_SIZE(h->gens)) {
+		next = 1;
+		lost = "metadata header is corrupt";
+	} else if (le32_to_cpu(h->state) != NBDSINK_DM_META_CLEAN) {
+		lost = "metadata was not cleanly closed (unclean stop)";
+	} else if (le64_to_cpu(h->chunk_sectors) != nc->chunk_sectors ||
+		   le64_to_cpu(h->nr_chunks) != nc->nr_chunks) {
+		lost = "chunk size or device size changed";
 	}
-	if (le32_to_cpu(h->state) != NBDSINK_DM_META_CLEAN) {
-		meta_lose(nc, next, "metadata was not cleanly closed (unclean stop)");
-		goto out;
-	}
-	if (le64_to_cpu(h->chunk_sectors) != nc->chunk_sectors ||
-	    le64_to_cpu(h->nr_chunks) != nc->nr_chunks) {
-		meta_lose(nc, next, "chunk size or device size changed");
-		goto out;
-	}
+	if (lost)
+		goto lose;
 
-	nc->epoch = le64_to_cpu(h->epoch);
-	nc->lost_gen = le64_to_cpu(h->lost_gen);
 	for (i = 0; i < nr; i++) {
-		bool is_open = i == nr - 1;
-
-		g = is_open ? open : gen_alloc(nc, 0);
+		g = gen_alloc(nc, 0);
 		if (!g) {
 			r = -ENOMEM;
 			goto out;
 		}
 		g->first = le64_to_cpu(h->gens[i].first);
 		g->last = le64_to_cpu(h->gens[i].last);
+		if (i == nr - 1)
+			open = g;
+		else
+			list_add_tail(&g->list, &closed);
 		r = meta_io(nc, REQ_OP_READ, slot_pos(nc, i), g->bits, nc->bitmap_bytes, true);
-		if (!r && bitmap_crc(nc, g->bits) != le32_to_cpu(h->gens[i].crc)) {
-			if (!is_open)
-				gen_free(g);
-			meta_lose(nc, next, "a metadata bitmap fails its checksum");
+		if (r)
 			goto out;
-		}
-		if (r) {
-			if (!is_open)
-				gen_free(g);
-			goto out;
-		}
-		if (!is_open) {
-			list_add_tail(&g->list, &nc->closed);
-			nc->nr_closed++;
+		if (bitmap_crc(nc, g->bits) != le32_to_cpu(h->gens[i].crc)) {
+			lost = "a metadata bitmap fails its checksum";
+			goto lose;
 		}
 	}
+
+	/* Everything was read: only now does nc change. */
+	old = open_gen(nc);
+	rcu_assign_pointer(nc->open, open);
+	/* Not live yet, so nothing marks the old bitmap: the grace period only makes sure. */
+	synchronize_rcu();
+	gen_free(old);
+	open = NULL;
+	list_splice_tail_init(&closed, &nc->closed);
+	nc->nr_closed += nr - 1;
+	nc->epoch = le64_to_cpu(h->epoch);
+	nc->lost_gen = le64_to_cpu(h->lost_gen);
+	nc->meta_seq = le64_to_cpu(h->seq);
 	DMINFO("%u:%u: continuing from metadata: generation %llu, %u closed",
-	       MAJOR(nc->md_dev), MINOR(nc->md_dev), open->first, nc->nr_closed);
+	       MAJOR(nc->md_dev), MINOR(nc->md_dev), open_gen(nc)->first, nc->nr_closed);
+	goto out;
+
+lose:
+	nc->meta_seq = le64_to_cpu(h->seq);
+	meta_lose(nc, next, lost);
 out:
+	list_for_each_entry_safe(g, tmp, &closed, list) {
+		list_del(&g->list);
+		gen_free(g);
+	}
+	gen_free(open);
 	kfree(h);
 	return r;
 }
@@ -449,22 +501,31 @@ out:
 /* ---- reloads -------------------------------------------------------------------------- */
 
 /*
- * Under nbdsink_targets_lock: the table nc replaces on a reload -- the instance for the same
- * mapped device that has been live and is now suspended (dm destroys it only after the new
- * table has resumed). A table loaded but never resumed holds nothing and does not count.
+ * Under nbdsink_targets_lock and nc->lock: the table nc replaces on a reload -- the
+ * instance for the same mapped device that holds the state (it loaded it) and is suspended
+ * (dm destroys it only after the new table has resumed). A table loaded but never resumed
+ * holds nothing and does not count, nor does one whose state already moved on. dm
+ * serialises the suspends and resumes of one mapped device, so these flags of instances of
+ * nc's device do not change meanwhile.
  */
 static struct nbdsink_c *predecessor(struct nbdsink_c *nc)
 {
 	struct nbdsink_c *p;
 
 	list_for_each_entry(p, &nbdsink_targets, registry)
-		if (p != nc && p->md_dev == nc->md_dev && p->resumed_once && p->suspended)
+		if (p != nc && p->md_dev == nc->md_dev && p->loaded && p->suspended &&
+		    !p->handed_over)
 			return p;
 	return NULL;
 }
 
-/* Continue prev's generations in nc (a reload): nothing is lost, nothing written to disk. */
-static void take_over(struct nbdsink_c *nc, struct nbdsink_c *prev)
+/*
+ * Under nbdsink_targets_lock, nc->lock and prev->lock: continue prev's generations in nc (a
+ * reload), in memory only. Returns true when prev's metadata must then be marked ACTIVE:
+ * the state moves away from it, and left CLEAN it would be loaded later as current (ACTIVE
+ * makes a later load of it report "lost" instead).
+ */
+static bool take_over(struct nbdsink_c *nc, struct nbdsink_c *prev)
 {
 	struct nbdsink_gen *mine = open_gen(nc);
 	struct nbdsink_gen *theirs = rcu_dereference_protected(prev->open,
@@ -472,29 +533,32 @@ static void take_over(struct nbdsink_c *nc, struct nbdsink_c *prev)
 
 	nc->epoch = prev->epoch;
 	nc->meta_seq = prev->meta_seq;
-	/* The state moves away from prev's metadata: left CLEAN it would be loaded later as
-	 * current. ACTIVE makes a later load of it report "lost" instead. */
-	if (prev->meta && (!nc->meta || prev->meta->bdev != nc->meta->bdev))
-		meta_write(prev, NBDSINK_DM_META_ACTIVE);
+	/* Numbered after prev's: what prev's header will list after the swap, if written. */
+	mine->first = mine->last = theirs->last + 1;
 	if (prev->chunk_sectors != nc->chunk_sectors || prev->nr_chunks != nc->nr_chunks) {
-		mine->first = mine->last = theirs->last + 1;
 		nc->lost_gen = mine->first;
 		DMERR("%u:%u: reloaded with another chunk size or length: tracking lost, a full rescan is needed",
 		      MAJOR(nc->md_dev), MINOR(nc->md_dev));
-		return;
+	} else {
+		/* prev is suspended and nc not yet resumed: neither bitmap is being marked. */
+		rcu_assign_pointer(nc->open, theirs);
+		rcu_assign_pointer(prev->open, mine);
+		list_splice_init(&prev->closed, &nc->closed);
+		nc->nr_closed = prev->nr_closed;
+		prev->nr_closed = 0;
+		nc->lost_gen = prev->lost_gen;
+		/* An ioctl reading prev's bitmaps follows them to nc. */
+		prev->handed_over = true;
 	}
-	/* prev is suspended and nc not yet resumed: neither bitmap is being marked. */
-	rcu_assign_pointer(nc->open, theirs);
-	rcu_assign_pointer(prev->open, mine);
-	list_splice_init(&prev->closed, &nc->closed);
-	nc->nr_closed = prev->nr_closed;
-	prev->nr_closed = 0;
-	nc->lost_gen = prev->lost_gen;
+	return prev->meta && (!nc->meta || prev->meta->bdev != nc->meta->bdev);
 }
 
 /* ---- control ------------------------------------------------------------------------ */
 
-/* Close the open generation; its number is the result. */
+/*
+ * Close the open generation; its number is the result. -EAGAIN: the state is not loaded
+ * (a resume failed to read the metadata), so there is nothing to close yet.
+ */
 static int nbdsink_checkpoint(struct nbdsink_c *nc, u64 *closed)
 {
 	struct nbdsink_gen *next, *old;
@@ -504,6 +568,11 @@ static int nbdsink_checkpoint(struct nbdsink_c *nc, u64 *closed)
 	if (!next)
 		return -ENOMEM;
 	mutex_lock(&nc->lock);
+	if (!nc->loaded) {
+		mutex_unlock(&nc->lock);
+		gen_free(next);
+		return -EAGAIN;
+	}
 	old = open_gen(nc);
 	next->first = next->last = old->last + 1;
 	rcu_assign_pointer(nc->open, next);
@@ -524,20 +593,26 @@ static int nbdsink_checkpoint(struct nbdsink_c *nc, u64 *closed)
 	}
 	*closed = old->last;
 	/* Suspended: nothing will write the metadata again before a load, so do it now. */
-	if (nc->meta && nc->suspended && nc->loaded)
+	if (nc->meta && nc->suspended)
 		meta_write(nc, NBDSINK_DM_META_CLEAN);
 	mutex_unlock(&nc->lock);
 	return 0;
 }
 
+/* -EINVAL: upto is not closed; -EAGAIN: the state is not loaded (see nbdsink_checkpoint). */
 static int nbdsink_release(struct nbdsink_c *nc, u64 upto)
 {
 	struct nbdsink_gen *g, *tmp;
+	int r = 0;
 
 	mutex_lock(&nc->lock);
-	if (upto >= open_gen(nc)->first) {
+	if (!nc->loaded)
+		r = -EAGAIN;
+	else if (upto >= open_gen(nc)->first)
+		r = -EINVAL;
+	if (r) {
 		mutex_unlock(&nc->lock);
-		return -EINVAL;
+		return r;
 	}
 	list_for_each_entry_safe(g, tmp, &nc->closed, list) {
 		/* A merged bitmap is kept until all of its generations are released. */
@@ -549,7 +624,7 @@ static int nbdsink_release(struct nbdsink_c *nc, u64 upto)
 	}
 	if (nc->lost_gen && upto >= nc->lost_gen)
 		nc->lost_gen = 0;
-	if (nc->meta && nc->suspended && nc->loaded)
+	if (nc->meta && nc->suspended)
 		meta_write(nc, NBDSINK_DM_META_CLEAN);
 	mutex_unlock(&nc->lock);
 	return 0;
@@ -557,21 +632,34 @@ static int nbdsink_release(struct nbdsink_c *nc, u64 upto)
 
 /* ---- the target ----------------------------------------------------------------------- */
 
-static void nbdsink_free(struct nbdsink_c *nc)
+static void nbdsink_put_devices(struct nbdsink_c *nc)
 {
 	if (nc->meta)
 		dm_put_device(nc->ti, nc->meta);
 	if (nc->dev)
 		dm_put_device(nc->ti, nc->dev);
+}
+
+/* The last reference is gone: nobody else can reach nc. */
+static void nbdsink_free(struct kref *ref)
+{
+	struct nbdsink_c *nc = container_of(ref, struct nbdsink_c, ref);
+
 	free_closed(nc);
 	gen_free(rcu_dereference_protected(nc->open, 1));
 	kfree(nc);
 }
 
+static void nbdsink_put(struct nbdsink_c *nc)
+{
+	kref_put(&nc->ref, nbdsink_free);
+}
+
 /* Refuse a metadata device holding anything but our header or zeros: it may be data. */
 static int check_meta_header(struct nbdsink_c *nc, char **error)
 {
-	struct nbdsink_dm_meta_header *h = kzalloc(META_BLOCK, GFP_KERNEL);
+	/* NOIO: a table may be loaded while the device (or one it stacks on) is suspended. */
+	struct nbdsink_dm_meta_header *h = kzalloc(META_BLOCK, GFP_NOIO);
 	int r;
 
 	if (!h)
@@ -635,6 +723,7 @@ static int nbdsink_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Cannot allocate the target context";
 		return -ENOMEM;
 	}
+	kref_init(&nc->ref);
 	nc->ti = ti;
 	mutex_init(&nc->lock);
 	INIT_LIST_HEAD(&nc->closed);
@@ -707,7 +796,8 @@ static int nbdsink_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	return 0;
 
 bad:
-	nbdsink_free(nc);
+	nbdsink_put_devices(nc);
+	nbdsink_put(nc);
 	return r;
 }
 
@@ -716,9 +806,14 @@ static void nbdsink_dtr(struct dm_target *ti)
 	struct nbdsink_c *nc = ti->private;
 
 	mutex_lock(&nbdsink_targets_lock);
-	list_del(&nc->registry);
+	list_del_init(&nc->registry);
 	mutex_unlock(&nbdsink_targets_lock);
-	nbdsink_free(nc);
+	/* An ioctl may still hold a reference: it sees removed and leaves ti and the devices. */
+	mutex_lock(&nc->lock);
+	nc->removed = true;
+	mutex_unlock(&nc->lock);
+	nbdsink_put_devices(nc);
+	nbdsink_put(nc);
 }
 
 static int nbdsink_map(struct dm_target *ti, struct bio *bio)
@@ -755,6 +850,8 @@ static int nbdsink_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *e
 static void nbdsink_postsuspend(struct dm_target *ti)
 {
 	struct nbdsink_c *nc = ti->private;
+	/* The device is suspended: reclaim must not write to it (nor wait for it). */
+	unsigned int noio = memalloc_noio_save();
 
 	mutex_lock(&nc->lock);
 	nc->suspended = true;
@@ -762,41 +859,67 @@ static void nbdsink_postsuspend(struct dm_target *ti)
 	if (nc->meta && nc->loaded)
 		meta_write(nc, NBDSINK_DM_META_CLEAN);
 	mutex_unlock(&nc->lock);
+	memalloc_noio_restore(noio);
 }
 
 static int nbdsink_preresume(struct dm_target *ti)
 {
-	struct nbdsink_c *nc = ti->private, *prev;
+	struct nbdsink_c *nc = ti->private, *prev = NULL;
+	unsigned int noio = memalloc_noio_save();
+	bool prev_stale = false;
 	int r = 0;
 
-	/* Lock order: the registry, then this instance, then the one it replaces. */
+	/*
+	 * State is picked up here, not in the constructor: on a reload the old table has only
+	 * now been suspended (and, with metadata, written its final state). The registry lock
+	 * pairs nc with the table it replaces and moves the state over in memory; all the
+	 * metadata I/O below runs without it.
+	 */
 	mutex_lock(&nbdsink_targets_lock);
 	mutex_lock(&nc->lock);
-	/* State is picked up here, not in the constructor: on a reload the old table has only
-	 * now been suspended (and, with metadata, written its final state). */
 	if (!nc->loaded) {
 		prev = predecessor(nc);
 		if (prev) {
 			mutex_lock_nested(&prev->lock, SINGLE_DEPTH_NESTING);
-			take_over(nc, prev);
+			prev_stale = take_over(nc, prev);
+			if (prev_stale)
+				kref_get(&prev->ref);
 			mutex_unlock(&prev->lock);
 			nc->loaded = true;
-		} else if (nc->meta) {
-			r = meta_load(nc);
-			if (r)
-				DMERR("%u:%u: reading metadata failed (%d)", MAJOR(nc->md_dev),
-				      MINOR(nc->md_dev), r);
-			else
-				nc->loaded = true;
+			/* nc holds the state now: the ioctls for the device find it first. */
+			list_move(&nc->registry, &nbdsink_targets);
+		}
+	}
+	mutex_unlock(&nc->lock);
+	mutex_unlock(&nbdsink_targets_lock);
+
+	if (prev_stale) {
+		mutex_lock(&prev->lock);
+		if (!prev->removed)
+			meta_write(prev, NBDSINK_DM_META_ACTIVE);
+		mutex_unlock(&prev->lock);
+		nbdsink_put(prev);
+	}
+
+	mutex_lock(&nc->lock);
+	if (!nc->loaded && nc->meta) {
+		/* All or nothing: after a failure the next resume tries again from scratch. */
+		r = meta_load(nc);
+		if (r) {
+			nc->meta_error = true;
+			DMERR("%u:%u: reading metadata failed (%d): resume again once readable",
+			      MAJOR(nc->md_dev), MINOR(nc->md_dev), r);
 		} else {
 			nc->loaded = true;
 		}
+	} else {
+		nc->loaded = true;
 	}
 	/* ACTIVE on disk before any write passes: a crash from now on reads as unclean. */
 	if (!r && nc->meta)
 		r = meta_write(nc, NBDSINK_DM_META_ACTIVE);
 	mutex_unlock(&nc->lock);
-	mutex_unlock(&nbdsink_targets_lock);
+	memalloc_noio_restore(noio);
 	return r;
 }
 
@@ -806,7 +929,6 @@ static void nbdsink_resume(struct dm_target *ti)
 
 	mutex_lock(&nc->lock);
 	nc->suspended = false;
-	nc->resumed_once = true;
 	mutex_unlock(&nc->lock);
 	/* The live table's instance answers ioctls for this device from now on. */
 	mutex_lock(&nbdsink_targets_lock);
@@ -849,28 +971,36 @@ static int nbdsink_message(struct dm_target *ti, unsigned int argc, char **argv,
 	struct nbdsink_c *nc = ti->private;
 	unsigned long long gen;
 	char dummy;
+	unsigned int noio;
 	u64 closed;
 	int r;
 
+	/* The device may be suspended: reclaim must not write to it (nor wait for it). */
+	noio = memalloc_noio_save();
 	if (argc == 1 && !strcasecmp(argv[0], "checkpoint")) {
 		r = nbdsink_checkpoint(nc, &closed);
-		if (r)
-			return r;
-		scnprintf(result, maxlen, "%llu", closed);
-		return 1;	/* 1: the result buffer holds a reply for user space */
-	}
-	if (argc == 2 && !strcasecmp(argv[0], "release")) {
+		if (!r) {
+			scnprintf(result, maxlen, "%llu", closed);
+			r = 1;	/* 1: the result buffer holds a reply for user space */
+		}
+	} else if (argc == 2 && !strcasecmp(argv[0], "release")) {
 		if (sscanf(argv[1], "%llu%c", &gen, &dummy) != 1) {
 			DMERR_LIMIT("release: invalid generation '%s'", argv[1]);
-			return -EINVAL;
+			r = -EINVAL;
+		} else {
+			r = nbdsink_release(nc, gen);
+			if (r == -EINVAL)
+				DMERR_LIMIT("release: generation %llu is not closed", gen);
 		}
-		r = nbdsink_release(nc, gen);
-		if (r)
-			DMERR_LIMIT("release: generation %llu is not closed", gen);
-		return r;
+	} else {
+		DMERR_LIMIT("unknown message (want: checkpoint | release <generation>)");
+		r = -EINVAL;
 	}
-	DMERR_LIMIT("unknown message (want: checkpoint | release <generation>)");
-	return -EINVAL;
+	memalloc_noio_restore(noio);
+	if (r == -EAGAIN)
+		DMERR_LIMIT("%u:%u: %s: no state loaded (reading metadata failed): resume first",
+			    MAJOR(nc->md_dev), MINOR(nc->md_dev), argv[0]);
+	return r;
 }
 
 static int nbdsink_iterate_devices(struct dm_target *ti, iterate_devices_callout_fn fn,
@@ -899,32 +1029,58 @@ static struct target_type nbdsink_target = {
 
 /* ---- /dev/nbdsink-dm ------------------------------------------------------------------ */
 
-/* Under nbdsink_targets_lock: the instance that answers for dm device major:minor. */
-static struct nbdsink_c *lookup(u32 major, u32 minor)
+/*
+ * Lock the instance that answers for dm device major:minor. *ncp is NULL or an instance the
+ * caller holds a reference on (a reload may have moved its state since: then the state's
+ * new owner is looked up). On success *ncp is referenced and locked; on error nothing is
+ * held and *ncp is NULL. The registry lock is held only for the lookup.
+ */
+static int lock_target(u32 major, u32 minor, struct nbdsink_c **ncp)
 {
-	struct nbdsink_c *nc;
+	struct nbdsink_c *nc = *ncp, *p;
+	bool removed;
 
-	list_for_each_entry(nc, &nbdsink_targets, registry)
-		if (nc->md_dev == MKDEV(major, minor))
-			return nc;
-	return NULL;
+	*ncp = NULL;
+	for (;;) {
+		if (!nc) {
+			mutex_lock(&nbdsink_targets_lock);
+			/* handed_over only changes under the registry lock too. */
+			list_for_each_entry(p, &nbdsink_targets, registry) {
+				if (p->md_dev == MKDEV(major, minor) && !p->handed_over) {
+					nc = p;
+					kref_get(&nc->ref);
+					break;
+				}
+			}
+			mutex_unlock(&nbdsink_targets_lock);
+			if (!nc)
+				return -ENODEV;
+		}
+		mutex_lock(&nc->lock);
+		removed = nc->removed;
+		if (!removed && !nc->handed_over) {
+			*ncp = nc;
+			return 0;
+		}
+		mutex_unlock(&nc->lock);
+		nbdsink_put(nc);
+		if (removed)
+			return -ENODEV;
+		nc = NULL;
+	}
 }
 
 static long ioctl_info(void __user *arg)
 {
 	struct nbdsink_dm_info info;
-	struct nbdsink_c *nc;
-	long r = 0;
+	struct nbdsink_c *nc = NULL;
+	long r;
 
 	if (copy_from_user(&info, arg, sizeof(info)))
 		return -EFAULT;
-	mutex_lock(&nbdsink_targets_lock);
-	nc = lookup(info.dev_major, info.dev_minor);
-	if (!nc) {
-		r = -ENODEV;
-		goto out;
-	}
-	mutex_lock(&nc->lock);
+	r = lock_target(info.dev_major, info.dev_minor, &nc);
+	if (r)
+		return r;
 	memset(&info, 0, sizeof(info));
 	info.dev_major = MAJOR(nc->md_dev);
 	info.dev_minor = MINOR(nc->md_dev);
@@ -942,24 +1098,35 @@ static long ioctl_info(void __user *arg)
 	info.epoch = nc->epoch;
 	info.dirty_open = count_dirty(nc, true);
 	info.dirty_closed = count_dirty(nc, false);
-	info.target_sectors = nc->ti->len;
+	info.target_sectors = nc->ti->len;	/* not removed: ti is still there */
 	mutex_unlock(&nc->lock);
+	nbdsink_put(nc);
+	/* No lock held: the copy may fault, and the fault wait for a suspended device. */
 	if (copy_to_user(arg, &info, sizeof(info)))
-		r = -EFAULT;
-out:
-	mutex_unlock(&nbdsink_targets_lock);
-	return r;
+		return -EFAULT;
+	return 0;
+}
+
+/* Under nc->lock: does closed generation req->generation (or the union up to it) exist? */
+static bool bitmap_wanted(struct nbdsink_c *nc, const struct nbdsink_dm_bitmap *req,
+			  const struct nbdsink_gen *g)
+{
+	if (req->generation >= open_gen(nc)->first)
+		return false;	/* only closed generations: the open one is still being marked */
+	if (req->flags & NBDSINK_DM_BITMAP_UNION)
+		return g->first <= req->generation;
+	return g->first <= req->generation && req->generation <= g->last;
 }
 
 static long ioctl_bitmap(void __user *arg)
 {
 	struct nbdsink_dm_bitmap req;
+	struct nbdsink_c *nc = NULL;
 	struct nbdsink_gen *g;
-	struct nbdsink_c *nc;
 	unsigned long *bounce;
-	u64 done = 0, dirty = 0, want;
-	bool found = false;
-	long r = 0;
+	u64 done = 0, dirty = 0, want = 0;
+	bool started = false;
+	long r;
 
 	if (copy_from_user(&req, arg, sizeof(req)))
 		return -EFAULT;
@@ -968,40 +1135,50 @@ static long ioctl_bitmap(void __user *arg)
 	bounce = kmalloc(PAGE_SIZE, GFP_KERNEL);
 	if (!bounce)
 		return -ENOMEM;
-	mutex_lock(&nbdsink_targets_lock);
-	nc = lookup(req.dev_major, req.dev_minor);
-	if (!nc) {
-		r = -ENODEV;
-		goto out;
-	}
-	mutex_lock(&nc->lock);
-	/* Only closed generations can be read: the open one is still being marked. */
-	list_for_each_entry(g, &nc->closed, list)
-		if (req.generation < open_gen(nc)->first &&
-		    req.flags & NBDSINK_DM_BITMAP_UNION ? g->first <= req.generation :
-		    g->first <= req.generation && req.generation <= g->last)
-			found = true;
-	if (!found) {
-		r = -ENOENT;
-		goto unlock;
-	}
-	want = req.first_chunk >= nc->nr_chunks ? 0 :
-	       min_t(u64, req.nr_chunks, nc->nr_chunks - req.first_chunk);
-	while (done < want) {
-		/* One page of the bitmap: bits [first_chunk + done, + piece). */
-		u64 piece = min_t(u64, want - done, PAGE_SIZE * 8);
-		unsigned long w0 = BIT_WORD(req.first_chunk + done);
-		unsigned long nw = BITS_TO_LONGS(piece), w;
-		size_t bytes = DIV_ROUND_UP(piece, 64) * 8;
+	/*
+	 * One page of the bitmap at a time: gathered into bounce under nc->lock, copied to user
+	 * memory with no lock held. Between pages a release may drop the generation (ENOENT,
+	 * as if released before), a checkpoint may merge it into a wider one (a superset: safe)
+	 * or a reload may move it to the new table's instance (lock_target follows it).
+	 */
+	for (;;) {
+		/* Bits [first_chunk + done, + piece) of the bitmap. */
+		unsigned long w0, nw, w;
+		bool found = false;
+		size_t bytes;
+		u64 piece;
 
+		r = lock_target(req.dev_major, req.dev_minor, &nc);
+		if (r)
+			break;
+		list_for_each_entry(g, &nc->closed, list)
+			found |= bitmap_wanted(nc, &req, g);
+		if (!found) {
+			mutex_unlock(&nc->lock);
+			r = -ENOENT;
+			break;
+		}
+		if (!started) {
+			want = req.first_chunk >= nc->nr_chunks ? 0 :
+			       min_t(u64, req.nr_chunks, nc->nr_chunks - req.first_chunk);
+			started = true;
+		}
+		if (done >= want) {
+			mutex_unlock(&nc->lock);
+			break;
+		}
+		piece = min_t(u64, want - done, PAGE_SIZE * 8);
+		w0 = BIT_WORD(req.first_chunk + done);
+		nw = BITS_TO_LONGS(piece);
+		bytes = DIV_ROUND_UP(piece, 64) * 8;
 		memset(bounce, 0, PAGE_SIZE);
 		list_for_each_entry(g, &nc->closed, list) {
-			if (req.flags & NBDSINK_DM_BITMAP_UNION ? g->first > req.generation :
-			    g->first > req.generation || req.generation > g->last)
+			if (!bitmap_wanted(nc, &req, g))
 				continue;
 			for (w = 0; w < nw; w++)
 				bounce[w] |= g->bits[w0 + w];
 		}
+		mutex_unlock(&nc->lock);
 		/* Whole words were copied: clear bits past the requested range. */
 		if (piece % BITS_PER_LONG)
 			bounce[nw - 1] &= BITMAP_LAST_WORD_MASK(piece);
@@ -1009,21 +1186,21 @@ static long ioctl_bitmap(void __user *arg)
 		bits_le_swap(bounce, bytes);
 		if (copy_to_user(u64_to_user_ptr(req.buffer + done / 8), bounce, bytes)) {
 			r = -EFAULT;
-			goto unlock;
+			break;
 		}
 		done += piece;
 		cond_resched();
 	}
+	if (nc)
+		nbdsink_put(nc);
+	kfree(bounce);
+	if (r)
+		return r;
 	req.nr_chunks = done;
 	req.dirty = dirty;
-unlock:
-	mutex_unlock(&nc->lock);
-out:
-	mutex_unlock(&nbdsink_targets_lock);
-	kfree(bounce);
-	if (!r && copy_to_user(arg, &req, sizeof(req)))
-		r = -EFAULT;
-	return r;
+	if (copy_to_user(arg, &req, sizeof(req)))
+		return -EFAULT;
+	return 0;
 }
 
 static long nbdsink_ctl_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
@@ -1058,7 +1235,8 @@ static int __init dm_nbdsink_init(void)
 	int r;
 
 	BUILD_BUG_ON(sizeof(struct nbdsink_dm_meta_header) > META_BLOCK);
-	BUILD_BUG_ON(PAGE_SIZE < META_BLOCK || PAGE_SIZE % 8);
+	/* A page holds whole metadata blocks (and whole 8-byte words of a bitmap). */
+	BUILD_BUG_ON(PAGE_SIZE % META_BLOCK);
 	r = misc_register(&nbdsink_ctl);
 	if (r)
 		return r;

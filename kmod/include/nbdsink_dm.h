@@ -27,7 +27,7 @@
 /* nbdsink_dm_info.flags */
 #define NBDSINK_DM_INFO_LOST		(1U << 0)	/* tracking lost: rescan needed */
 #define NBDSINK_DM_INFO_METADATA	(1U << 1)	/* a metadata device is configured */
-#define NBDSINK_DM_INFO_META_ERROR	(1U << 2)	/* the last metadata write failed */
+#define NBDSINK_DM_INFO_META_ERROR	(1U << 2)	/* the last metadata load or write failed */
 #define NBDSINK_DM_INFO_SUSPENDED	(1U << 3)	/* the target is suspended */
 
 /*

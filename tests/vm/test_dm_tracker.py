@@ -10,13 +10,17 @@ without a kernel warning.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import random
+import select
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -342,6 +346,246 @@ def test_removal_while_io_runs(make_loop: Callable[[int], str], make_dm: Callabl
     got = reported_chunks(dm.attach(dev).checkpoint())
     assert set(done) <= got
     assert not kernel_problems(), dmesg_since(mark)
+
+
+# -- a failing metadata device ---------------------------------------------------------------------
+
+
+def _load_table(name: str, table: str) -> None:
+    """Swap dm device ``name``'s table for ``table`` (lines through stdin) and resume it."""
+    for args in (["load", name], ["resume", name]):
+        r = subprocess.run(["dmsetup", *args], input=table, capture_output=True, text=True, check=False)
+        assert r.returncode == 0, f"dmsetup {' '.join(args)}: {r.stderr}"
+
+
+def _meta_state_direct(meta: str) -> int:
+    """:func:`meta_state`, read past the page cache (the target writes through a dm device)."""
+    fd = os.open(meta, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        assert os.preadv(fd, [buf], 0) == 4096
+        magic, _version, state = struct.unpack_from("<QII", buf)
+    finally:
+        buf.close()
+        os.close(fd)
+    assert magic == dm._META_MAGIC, "no nbdsink metadata header"
+    return int(state)
+
+
+def _info_of(dev: str) -> dm.TargetInfo:
+    st = os.stat(dev)
+    return dm.read_info(os.major(st.st_rdev), os.minor(st.st_rdev))
+
+
+def test_failing_metadata_device(make_loop: Callable[[int], str], make_dm: Callable[[str, str], str]) -> None:
+    """The metadata device fails under the target: its reads during a resume (dm-error past
+    the second bitmap, so the load fails half-way), then its writes during a suspend, a
+    checkpoint and a removal (dm-flakey, always down, error_writes). Each failure is reported
+    (a failed resume, "error" in the status, "lost" after the failed removal), nothing is
+    half-loaded, a retry once the device works continues the same history, every chunk
+    written is reported, and the kernel logs no warning."""
+    subprocess.run(["modprobe", "dm-flakey"], check=True)
+    data = make_loop(64 * MIB)
+    meta_loop = make_loop(4 * MIB)
+    msectors = 4 * MIB // 512
+    healthy = f"0 {msectors} linear {meta_loop} 0\n"
+    writes_fail = f"0 {msectors} flakey {meta_loop} 0 0 1 1 error_writes\n"
+    # 1024 chunks: each bitmap slot is one 4 KiB block after the 4 KiB header.
+    readable = (1 + 2) * 8
+    reads_fail_halfway = f"0 {readable} linear {meta_loop} 0\n{readable} {msectors - readable} error\n"
+    meta = make_dm("mfail-meta", healthy)
+    line = f"0 {64 * MIB // 512} nbdsink {data} {CS // 512} {meta}"
+    dev = make_dm("mfail", line)
+    mark = dmesg_len()
+    pending: set[int] = set()  # written since the last acknowledged checkpoint
+
+    def write(*chunks: int) -> None:
+        _write_chunks(dev, list(chunks))
+        pending.update(chunks)
+
+    # Six closed generations of a chunk each, and one chunk in the open one: 7 bitmaps.
+    tracker = dm.attach(dev)
+    for c in range(10, 16):
+        write(c)
+        tracker.checkpoint()
+    write(100)
+    before = tracker.info()
+    assert before.nr_closed == 6
+    assert dmsetup("remove", "mfail").returncode == 0
+    assert _meta_state_direct(meta_loop) == 1
+
+    # Reads fail past the second bitmap: the constructor (header only) works, every resume
+    # fails half-way through the load, and each one leaves the target as it found it.
+    _load_table("mfail-meta", reads_fail_halfway)
+    assert dmsetup("create", "mfail", "--notable").returncode == 0
+    assert dmsetup("mknodes", "mfail").returncode == 0  # without udev, made at the first resume
+    r = dmsetup("load", "mfail", "--table", line)
+    assert r.returncode == 0, r.stderr
+    for _ in range(4):
+        assert dmsetup("resume", "mfail").returncode != 0, "resumed with unreadable metadata"
+    assert "reading metadata failed" in dmesg_since(mark)
+    failed = _info_of(dev)
+    assert (failed.nr_closed, failed.open_gen) == (0, 1), f"half-loaded state kept: {failed}"
+    assert failed.flags & dm.INFO_META_ERROR and failed.flags & dm.INFO_SUSPENDED, failed
+    assert dmsetup("status", "mfail").stdout.split()[10] == "error"
+    for msg in (["checkpoint"], ["release", "1"]):
+        assert dmsetup("message", "mfail", "0", *msg).returncode != 0, f"{msg} without a state"
+    assert _meta_state_direct(meta_loop) == 1, "a failed load must leave the metadata alone"
+
+    _load_table("mfail-meta", healthy)
+    r = dmsetup("resume", "mfail")
+    assert r.returncode == 0, r.stderr
+    again = dm.attach(dev)
+    info = again.info()
+    assert not info.lost and not info.flags & dm.INFO_META_ERROR, info
+    assert (info.nr_closed, info.oldest_gen, info.open_gen, info.epoch) == (
+        before.nr_closed, before.oldest_gen, before.open_gen, before.epoch
+    ), f"the retried load is not the stored state: {info} vs {before}"
+    got = again.checkpoint()
+    assert pending <= reported_chunks(got)
+    again.acknowledge(got.generation)
+    pending.clear()
+
+    # Writes fail: the suspend's clean close and a checkpoint while suspended cannot write
+    # the metadata; the resume, which must mark it ACTIVE first, fails until they can.
+    _load_table("mfail-meta", writes_fail)
+    write(200, 201)
+    assert dmsetup("suspend", "mfail").returncode == 0
+    assert dmsetup("status", "mfail").stdout.split()[10] == "error"
+    r = dmsetup("message", "mfail", "0", "checkpoint")
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == got.generation + 1
+    assert dmsetup("resume", "mfail").returncode != 0, "resumed without marking the metadata ACTIVE"
+    assert "writing metadata failed" in dmesg_since(mark)
+    assert _info_of(dev).flags & dm.INFO_META_ERROR
+    _load_table("mfail-meta", healthy)
+    r = dmsetup("resume", "mfail")
+    assert r.returncode == 0, r.stderr
+    assert not again.info().flags & dm.INFO_META_ERROR
+    assert dmsetup("status", "mfail").stdout.split()[9:11] == ["ok", "ok"]
+    write(300)
+    got = again.checkpoint()
+    assert pending <= reported_chunks(got), f"missing {sorted(pending - reported_chunks(got))}"
+
+    # A removal whose clean close fails leaves the metadata ACTIVE: the next load reports
+    # tracking lost, never stale bitmaps.
+    write(400)
+    _load_table("mfail-meta", writes_fail)
+    assert dmsetup("remove", "mfail").returncode == 0
+    _load_table("mfail-meta", healthy)
+    assert _meta_state_direct(meta_loop) == 2
+    dev = make_dm("mfail", line)
+    lost = dm.attach(dev)
+    assert lost.info().lost
+    assert dmsetup("status", "mfail").stdout.split()[9] == "lost"
+    with pytest.raises(TrackingLost, match="rescan needed"):
+        lost.checkpoint()
+
+    problems = kernel_problems()
+    assert not problems, dmesg_since(mark)
+
+
+class _StalledPage:
+    """One anonymous page whose first touch, even by the kernel's copy_to_user, waits until
+    :meth:`resolve` (userfaultfd, missing-page mode): a copy that stalls like a fault on a
+    file of a suspended device would, but for as long as the test wants and no longer."""
+
+    _NR_USERFAULTFD = 323  # x86_64: the guest's architecture
+    # _IOWR(0xAA, nr, size) of UFFDIO_API, UFFDIO_REGISTER, UFFDIO_COPY (linux/userfaultfd.h)
+    _API = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F
+    _REGISTER = (3 << 30) | (32 << 16) | (0xAA << 8) | 0x00
+    _COPY = (3 << 30) | (40 << 16) | (0xAA << 8) | 0x03
+    _MODE_MISSING = 1
+    _EVENT_PAGEFAULT = 0x12
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.uffd = libc.syscall(self._NR_USERFAULTFD, os.O_CLOEXEC)
+        if self.uffd < 0:
+            raise OSError(ctypes.get_errno(), "userfaultfd")
+        fcntl.ioctl(self.uffd, self._API, bytearray(struct.pack("=QQQ", 0xAA, 0, 0)))
+        self.map = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._view = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(self._view)
+        register = struct.pack("=QQQQ", self.address, mmap.PAGESIZE, self._MODE_MISSING, 0)
+        fcntl.ioctl(self.uffd, self._REGISTER, bytearray(register))
+        self._zeros = ctypes.create_string_buffer(mmap.PAGESIZE)
+
+    def wait_fault(self, timeout: float) -> None:
+        assert select.select([self.uffd], [], [], timeout)[0], "nothing touched the page"
+        msg = os.read(self.uffd, 32)  # struct uffd_msg: event, then pagefault.flags, .address
+        assert msg[0] == self._EVENT_PAGEFAULT
+        assert struct.unpack_from("=Q", msg, 16)[0] & ~(mmap.PAGESIZE - 1) == self.address
+
+    def resolve(self) -> None:
+        """Map the page (zeros): the stalled access goes on."""
+        copy = struct.pack("=QQQQq", self.address, ctypes.addressof(self._zeros), mmap.PAGESIZE, 0, 0)
+        fcntl.ioctl(self.uffd, self._COPY, bytearray(copy))
+
+    def close(self) -> None:
+        del self._view
+        self.map.close()
+        os.close(self.uffd)
+
+
+def test_bitmap_copy_to_user_holds_no_lock(make_loop: Callable[[int], str], make_dm: Callable[[str, str], str]) -> None:
+    """The bitmap ioctl copies to user memory with no lock held: while its copy waits for a
+    page (userfaultfd keeps it waiting), a checkpoint, a suspend with its metadata write, a
+    resume and another ioctl of the same device all go through; then the copy completes."""
+    data = make_loop(64 * MIB)
+    meta = make_loop(4 * MIB)
+    dev = make_dm("stall", f"0 {64 * MIB // 512} nbdsink {data} {CS // 512} {meta}")
+    tracker = dm.attach(dev)
+    _write_chunks(dev, [3, 700])
+    gen = tracker.checkpoint().generation
+    st = os.stat(dev)
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    page = _StalledPage()
+    req = bytearray(dm._BITMAP.pack(major, minor, 0, 0, gen, 0, 1024, page.address, 0, 0, 0))
+    errors: list[OSError] = []
+
+    def read_bitmap() -> None:
+        try:
+            dm._ioctl(dm.IOC_BITMAP, req)
+        except OSError as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_bitmap)
+    procs: list[subprocess.Popen[str]] = []
+    blocked: list[str] = []
+    try:
+        reader.start()
+        page.wait_fault(60)
+        # In a child process, so that the test can end even when it waits for the stall.
+        info = f"from nbdsink.tracker import dm; print(dm.read_info({major}, {minor}).open_gen)"
+        for cmd in (
+            ["dmsetup", "message", "stall", "0", "checkpoint"],
+            ["dmsetup", "suspend", "stall"],
+            ["dmsetup", "resume", "stall"],
+            [sys.executable, "-c", info],
+        ):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(proc)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                blocked.append(" ".join(cmd))
+                break
+    finally:
+        page.resolve()
+        reader.join(60)
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert not blocked, f"waited for the stalled ioctl's copy: {blocked}"
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, f"{proc.args!r}: {err}"
+    assert int(outputs[-1][0]) == gen + 2
+    assert not reader.is_alive() and not errors, errors
+    fields = dm._BITMAP.unpack(req)
+    assert (fields[6], fields[8]) == (1024, 2), fields
+    bits = int.from_bytes(page.map[:128], "little")
+    page.close()
+    assert bits == (1 << 3) | (1 << 700)
+    assert not kernel_problems()
 
 
 # -- bad input -----------------------------------------------------------------------------------
