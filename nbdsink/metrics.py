@@ -7,9 +7,7 @@ the work happens.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -82,19 +80,8 @@ class StoreCollector(Collector):
                                  labels=["kind"])
         size.add_metric(["logical"], logical)
         size.add_metric(["stored"], sum(u.used for u in reclaim.segment_usage(store)))
-        size.add_metric(["disk"], _du(store.path))
+        size.add_metric(["disk"], reclaim.disk_usage(store.path))
         yield size
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except FileNotFoundError:
-                continue
-    return total
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -31,6 +31,7 @@ from nbdsink.sender.ratelimit import RateLimiter
 from nbdsink.sender.remote import NbdRemote
 from nbdsink.sender.state import SenderState, StateDir
 from nbdsink.timefmt import utc_iso_now
+from nbdsink.tracker import runs
 from nbdsink.tracker.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ async def verify_pass(device: Device, remote: NbdRemote, tracker: Tracker, state
             if missed:
                 result.chunks_differed += len(missed)
                 extents = [(c * cs, min(cs, state.size - c * cs)) for c in missed]
-                state.pending = _merge(state.pending + extents)
+                state.pending = runs.normalize(state.pending + extents)
                 await trio.to_thread.run_sync(functools.partial(state_dir.save, state))
                 log.warning(
                     "VERIFY: %d chunk(s) of the device differ from version %s though no write "
@@ -106,14 +107,3 @@ async def verify_pass(device: Device, remote: NbdRemote, tracker: Tracker, state
         offset += length
     result.at = utc_iso_now()
     return result
-
-
-def _merge(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for off, length in sorted(extents):
-        if out and off <= out[-1][0] + out[-1][1]:
-            last_off, last_len = out[-1]
-            out[-1] = (last_off, max(last_len, off + length - last_off))
-        else:
-            out.append((off, length))
-    return out

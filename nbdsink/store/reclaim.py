@@ -573,7 +573,7 @@ def usage(store: Store, per_volume: bool = True) -> dict[str, Any]:
             "logical_bytes": sum(int(v["logical_bytes"]) for v in volumes),
             "referenced_bytes": referenced,
             "stored_bytes": sum(u.used for u in segments),
-            "disk_bytes": _du(store.path),
+            "disk_bytes": disk_usage(store.path),
             "segments": len(segments),
         },
     }
@@ -610,7 +610,8 @@ def _volume_usage(store: Store, volume: VolumeInfo) -> dict[str, Any]:
             "logical_bytes": logical, "referenced_bytes": referenced}
 
 
-def _du(path: Path) -> int:
+def disk_usage(path: Path) -> int:
+    """Bytes the files under ``path`` take on disk (what ``du`` says)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
