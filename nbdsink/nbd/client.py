@@ -510,12 +510,19 @@ class Connection:
                 self._pending[cookie] = pending
                 self._idle = trio.Event() if len(self._pending) == 1 else self._idle
                 registered = True
-                # Shielded: a request is on the wire whole or the connection is dead.
+                # Shielded: a request is on the wire whole or the connection is dead. A server
+                # that stops reading blocks the send: the deadline covers that too.
                 with trio.CancelScope(shield=True):
                     try:
-                        await self._stream.send_all(header)
-                        if data is not None:
-                            await self._stream.send_all(data)
+                        with trio.move_on_after(self.timeout or math.inf) as sending:
+                            await self._stream.send_all(header)
+                            if data is not None:
+                                await self._stream.send_all(data)
+                        if sending.cancelled_caught:
+                            self._fail(NBDConnectionError(
+                                f"could not send {p.command_name(command)} within "
+                                f"{self.timeout:g}s (server stalled)"))
+                            await trio.aclose_forcefully(self._stream)
                     except _STREAM_ERRORS as exc:
                         self._fail(_io_error(exc, f"sending {p.command_name(command)}"))
                         await trio.aclose_forcefully(self._stream)  # stops the reader too
@@ -642,7 +649,8 @@ async def open_connection(
         with trio.move_on_after(timeout) as scope:
             channel = await _handshake(uri, tls, go)
         if scope.cancelled_caught:
-            raise NBDConnectionError(f"{uri}: no connection and handshake within {timeout:g}s")
+            raise NBDConnectionError(f"{uri}: no connection and handshake within {timeout:g}s "
+                                     "(server stalled or unreachable)")
     conn = Connection(channel, export[0], window=window, request_size=request_size,
                       timeout=timeout)
     await nursery.start(conn._reader)

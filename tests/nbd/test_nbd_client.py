@@ -272,3 +272,37 @@ async def test_server_exit_fails_waiting_calls(servers: Servers) -> None:
                 await conn.pread(4096, 0)
         with pytest.raises(NBDConnectionError):
             await conn.flush()
+
+
+async def test_a_stalled_server_fails_sends_and_replies_within_the_timeout(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """A server that accepts and then stops reading and answering: a large write blocks in
+    the send, a read waits for its reply, a new connection for its handshake; each fails
+    after the timeout, never hangs."""
+    import urllib.parse
+
+    from sender.proxy import Proxy
+
+    uri = servers.nbdkit("memory", "64M")
+    target = Path(urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)["socket"][0])
+    proxy = Proxy(tmp_path / "proxy.sock", target)
+    via = f"nbd+unix:///?socket={tmp_path / 'proxy.sock'}"
+    await trio.to_thread.run_sync(proxy.__enter__)
+    try:
+        async with connect(via, timeout=1.0) as conn:
+            await conn.pwrite(b"x" * 4096, 0)
+            await trio.to_thread.run_sync(proxy.stall)
+            with trio.fail_after(10), pytest.raises(NBDConnectionError, match="stalled"):
+                await conn.pwrite(b"y" * (32 << 20), 0)  # far more than the socket buffers
+        await trio.to_thread.run_sync(proxy.stall, False)
+        async with connect(via, timeout=1.0) as conn:
+            await trio.to_thread.run_sync(proxy.stall)
+            with trio.fail_after(10), pytest.raises(NBDConnectionError, match="stalled"):
+                await conn.pread(4096, 0)
+        with trio.fail_after(10), pytest.raises(NBDConnectionError, match="stalled"):
+            async with connect(via, timeout=1.0):
+                pass
+        await trio.to_thread.run_sync(proxy.stall, False)
+    finally:
+        await trio.to_thread.run_sync(proxy.__exit__, None, None, None)
