@@ -83,12 +83,15 @@ def test_a_server_that_stops_answering_fails_the_cycle_which_is_retried(tmp_path
                 sender = Sender(tmp_path / "sender.log", dev, uri, "--state",
                                 str(tmp_path / "state"), "--interval", "500ms", "--rate", "16M",
                                 "--io-timeout", "2s")
-                time.sleep(1.0)
-                proxy.stall()  # accepted, never answered: no error, no close
-                sender.wait_for("server stalled", 30)
-                proxy.stall(False)
-                sender.wait_for("cycle version=1 ", 60)
-                assert sender.terminate() == 0
+                try:
+                    time.sleep(1.0)
+                    proxy.stall()  # accepted, never answered: no error, no close
+                    sender.wait_for("stalled", 30)
+                    proxy.stall(False)
+                    sender.wait_for("cycle version=1 ", 60)
+                finally:
+                    code = sender.terminate()
+                assert code == 0
         finally:
             stop_tracker(dev)
         assert _latest_equals_device(srv, dev, tmp_path) == 1
