@@ -182,3 +182,36 @@ def test_a_volume_of_another_size_is_a_clear_error(tmp_path: Path) -> None:
         )
     assert proc.returncode == 3 and "nbdsink: error: remote volume 'vol' is" in proc.stderr
     assert missing.returncode == 3 and "volume create nosuch" in missing.stderr
+
+
+def test_replicate_metrics(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    img = make_image(tmp_path / "img", SIZE)
+    with loop_device(img) as dev, server(tmp_path, "vol", SIZE) as srv:
+        try:
+            _fill(dev, 0, 4 * MiB)
+            sender = Sender(tmp_path / "sender.log", dev, srv.uri("vol"), "--state",
+                            str(tmp_path / "state"), "--interval", "300ms", "--metrics",
+                            f"127.0.0.1:{port}")
+            try:
+                sender.wait_for("cycle version=1 ", 60)
+                _fill(dev, 8 * MiB, MiB)
+                sender.wait_for("cycle version=2 ", 60)
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=10).read().decode()
+            finally:
+                code = sender.terminate()
+            assert code == 0
+        finally:
+            stop_tracker(dev)
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("nbdsink_") and " " in line}
+    assert values["nbdsink_replicate_bytes_sent_total"] >= 5 * MiB
+    assert values["nbdsink_replicate_cycle_seconds_count"] >= 2
+    assert 0 <= values["nbdsink_replicate_lag_seconds"] < 60
+    assert values["nbdsink_replicate_errors_total"] == 0
