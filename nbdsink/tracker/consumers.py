@@ -125,10 +125,13 @@ class ConsumerTracker(Tracker):
             write_json(self._path, record)
             return fresh
 
-    def _absorb(self, record: dict[str, Any]) -> int:
+    def _absorb(self, record: dict[str, Any], given_to: str | None = None) -> int:
         """Move what the backend reports into every consumer's entries (saved before the
-        backend forgets it); returns the generation closed."""
+        backend forgets it; ``given_to``, when named, is recorded as told of this generation
+        in the same save); returns the generation closed."""
         ds = self.inner.checkpoint()
+        if given_to is not None:
+            record["consumers"][given_to]["given"] = ds.generation
         if ds.extents:
             for entry in record["consumers"].values():
                 entries = entry["entries"]
@@ -161,10 +164,8 @@ class ConsumerTracker(Tracker):
         with locked(self._lock):
             record = self._load()
             self._mine(record)
-            generation = self._absorb(record)
+            generation = self._absorb(record, given_to=self.consumer)
             entry = self._mine(record)
-            entry["given"] = generation
-            write_json(self._path, record)
             extents: list[Extent] = runs.normalize(
                 (e[0], e[1]) for _, ext in entry["entries"] for e in ext)
             return DirtySet(generation, self.chunk_size, extents)
