@@ -66,7 +66,7 @@ import lmdb
 import xxhash
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import HEADER_SIZE
+from nbdsink.store.chunks import HEADER_SIZE, check_header
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -413,60 +413,22 @@ class Store:
         reading them all would take as long as copying), count references from the map.
         Safe to interrupt: it starts over (the index puts are idempotent, the counts are
         rebuilt) until the header says format 3."""
-        batch = 20000
-
-        def index_from(after: bytes | None) -> bytes | None:
-            def step(txn: lmdb.Transaction) -> bytes | None:
-                cur = txn.cursor(db=self._chunks)
-                found = cur.set_range(after + b"\0") if after is not None else cur.first()
-                last = None
-                n = 0
-                while found and n < batch:
-                    digest = bytes(cur.key())
-                    _, length = _header_of(cur.value())
-                    txn.put(digest, Location(0, length, 0, FLAG_NO_CHECKSUM).encode(), db=self._index)
-                    txn.put(_seg_key(0, digest), b"", db=self._seg_chunks)
-                    last = digest
-                    n += 1
-                    found = cur.next()
-                return last if found else None
-            return self._write_txn(step)
-
-        after: bytes | None = None
-        while True:
-            nxt = index_from(after)
-            if nxt is None:
-                break
-            after = nxt
+        def index(txn: lmdb.Transaction, digest: bytes, stored: bytes) -> None:
+            _, length = check_header(stored)
+            txn.put(digest, Location(0, length, 0, FLAG_NO_CHECKSUM).encode(), db=self._index)
+            txn.put(_seg_key(0, digest), b"", db=self._seg_chunks)
+        self._walk_in_batches(self._chunks, index)
 
         def reset_refs(txn: lmdb.Transaction) -> None:
             txn.drop(self._refs, delete=False)
         self._write_txn(reset_refs)
 
-        def count_from(after_key: bytes | None) -> bytes | None:
-            def step(txn: lmdb.Transaction) -> bytes | None:
-                cur = txn.cursor(db=self._map)
-                found = cur.set_range(after_key + b"\0") if after_key is not None else cur.first()
-                n = 0
-                last = None
-                while found and n < batch:
-                    value = bytes(cur.value())
-                    if value:
-                        self._incref(txn, value)
-                    last = bytes(cur.key())
-                    vid, block, version = keys.unpack_map_key(last)
-                    txn.put(keys.change_key(vid, version, block), b"", db=self._changes)
-                    n += 1
-                    found = cur.next()
-                return last if found else None
-            return self._write_txn(step)
-
-        after = None
-        while True:
-            nxt = count_from(after)
-            if nxt is None:
-                break
-            after = nxt
+        def count(txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+            if value:
+                self._incref(txn, value)
+            vid, block, version = keys.unpack_map_key(key)
+            txn.put(keys.change_key(vid, version, block), b"", db=self._changes)
+        self._walk_in_batches(self._map, count)
 
         def finish(txn: lmdb.Transaction) -> None:
             live = 0
@@ -480,6 +442,28 @@ class Store:
             txn.put(b"format", json.dumps(new_header).encode(), db=self._meta)
         self._write_txn(finish)
         self.sync()
+
+    def _walk_in_batches(self, db: Any,
+                         visit: Callable[[lmdb.Transaction, bytes, bytes], None],
+                         batch: int = 20000) -> None:
+        """``visit(txn, key, value)`` for every record of ``db``, in write transactions of
+        ``batch`` records each (a long walk never holds one huge transaction)."""
+        after: bytes | None = None
+        while True:
+            def step(txn: lmdb.Transaction, after: bytes | None = after) -> bytes | None:
+                cur = txn.cursor(db=db)
+                found = cur.set_range(after + b"\0") if after is not None else cur.first()
+                last = None
+                for _ in range(batch):
+                    if not found:
+                        return None
+                    last = bytes(cur.key())
+                    visit(txn, last, bytes(cur.value()))
+                    found = cur.next()
+                return last if found else None
+            after = self._write_txn(step)
+            if after is None:
+                return
 
     def _forget_retired_files(self) -> None:
         """Delete the files of segments compacted away before a crash or a stop."""
@@ -1003,6 +987,11 @@ class Store:
         from its predecessor. Blocks in ascending order keep the map's pages hot.
         """
         located = located or {}
+        # Chunks written to a segment another process compacted away meanwhile: write again.
+        # (One look per segment, not per chunk: this is the save's hot loop.)
+        for sid in {loc.segment for loc in located.values()}:
+            if self._segment_record(txn, sid)["state"] == "retired":
+                raise SegmentGone(f"segment {sid} was compacted away during a save")
         cur = txn.cursor(db=self._map)
         vid = volume.id
         pending = counters.version
@@ -1058,9 +1047,6 @@ class Store:
                 self._repoint(txn, digest, loc, new, live)
             return
         new = located.get(digest)
-        if new is not None and self._segment_record(txn, new.segment)["state"] == "retired":
-            # Written to a segment another process compacted away meanwhile: write again.
-            raise SegmentGone(f"segment {new.segment} was compacted away during a save")
         if new is None:
             # The writer took the chunk as stored. A map entry without its chunk would be
             # a version that can never be read back: refuse.
@@ -1131,12 +1117,6 @@ def _data_check(stored: memoryview | bytes, tail: memoryview | bytes | None) -> 
     h.update(memoryview(stored)[HEADER_SIZE:])
     h.update(tail)
     return int(h.intdigest())
-
-
-def _header_of(stored: memoryview | bytes) -> tuple[int, int]:
-    from nbdsink.store.chunks import check_header
-
-    return check_header(stored)
 
 
 def _u32(n: int) -> bytes:
