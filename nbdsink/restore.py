@@ -94,10 +94,10 @@ class LocalSource(Source):
     def __init__(self, store: Store, spec: str, assume: str | None) -> None:
         self.store = store
         self.name = spec
-        self.volume, self.version = _resolve(store, spec)
+        self.volume, self.version = resolve_version(store, spec)
         self.size = self.volume.size
         self.block_size = self.volume.block_size
-        self.assumed = _resolve(store, assume) if assume else None
+        self.assumed = resolve_version(store, assume) if assume else None
 
     async def digests(self, first: int, count: int) -> bytes:
         return await trio.to_thread.run_sync(self._digests, self.volume, self.version, first, count)
@@ -133,7 +133,8 @@ class LocalSource(Source):
         return bytes(buf)
 
 
-def _resolve(store: Store, spec: str) -> tuple[VolumeInfo, int]:
+def resolve_version(store: Store, spec: str) -> tuple[VolumeInfo, int]:
+    """The volume and version number ``VOL@N`` or ``VOL@latest`` names in ``store``."""
     name, sep, selector = spec.rpartition("@")
     if not sep or not name:
         raise UsageError(f"expected VOLUME@N or VOLUME@latest, not {spec!r}")

@@ -12,7 +12,6 @@ import trio
 
 from nbdsink import restore as restoring
 from nbdsink.cli.common import add_store_argument, open_store
-from nbdsink.errors import UsageError
 from nbdsink.units import format_size
 
 
@@ -51,18 +50,10 @@ def register(sub: Any) -> None:
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
-    name, sep, selector = args.source.rpartition("@")
-    if not sep or not name:
-        raise UsageError(f"expected VOL@N or VOL@latest, not {args.source!r}")
     with open_store(args) as store:
-        source = store.volume(name)
-        if selector == "latest":
-            version = store.latest_version(source)
-        elif selector.isascii() and selector.isdigit():
-            version = int(selector)
-        else:
-            raise UsageError(f"expected VOL@N or VOL@latest, not {args.source!r}")
+        source, version = restoring.resolve_version(store, args.source)
         info = store.clone(source, version, args.name)
+    name = source.name
     print(f"cloned {name}@{version} as {info.name} (its version 1); {name}@{version} is kept "
           f"while the clone exists")
     return 0

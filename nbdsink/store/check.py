@@ -212,21 +212,16 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
                            "offset": block * vol.block_size, "from_version": version})
     store.read(scan)
     latest = {v.name: store.latest_version(v) for v in names.values()}
+    by_name = {v.name: v for v in names.values()}
     for d in report.damaged:
         for use in d.uses:
-            vol = names_by_name(names, use["volume"])
-            if vol is None:
-                continue
+            vol = by_name[use["volume"]]
             # The entry is what every version from its own up to the block's next entry
             # shows: does the newest version show it?
             nxt = store.read(functools.partial(_next_entry, store, vol=vol, use=use))
             if nxt is None or nxt > latest[vol.name]:
                 d.heal_from_source = True
             use["to_version"] = (nxt - 1) if nxt is not None else latest[vol.name]
-
-
-def names_by_name(names: dict[int, VolumeInfo], name: str) -> VolumeInfo | None:
-    return next((v for v in names.values() if v.name == name), None)
 
 
 def _next_entry(store: Store, r: Reading, *, vol: VolumeInfo, use: dict[str, Any]) -> int | None:

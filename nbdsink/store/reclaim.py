@@ -41,6 +41,7 @@ from nbdsink.store.readers import PruneLock
 from nbdsink.store.retention import Candidate, Policy, select
 from nbdsink.store.segments import SegmentGone
 from nbdsink.store.store import (
+    _TIME,
     FLAG_DAMAGED,
     FLAG_NO_CHECKSUM,
     GARBAGE_GRACE_SECONDS,
@@ -294,9 +295,7 @@ def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
 
 
 def _time(raw: bytes | memoryview) -> float:
-    import struct
-
-    return float(struct.unpack(">d", bytes(raw))[0])
+    return float(_TIME.unpack(bytes(raw))[0])
 
 
 # -- compacting segments --------------------------------------------------------------------
