@@ -130,4 +130,4 @@ def parse_utc_time(text: str) -> float | None:
 
 def _check_volume(volume: str, name: str) -> None:
     if not volume:
-        raise ExportNameError(f"export {name!r} names no volume")
+        raise ExportNameError(f"export {name!r}: no volume name before '@' or ';'")

@@ -18,6 +18,7 @@ import resource
 import site
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ def _add_site_dirs() -> None:
 _add_site_dirs()
 
 from nbdsink import metrics  # noqa: E402
+from nbdsink.errors import NbdsinkError  # noqa: E402
+from nbdsink.server import nbdkit_c  # noqa: E402
 from nbdsink.server.maintenance import run_maintenance  # noqa: E402
 from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
 from nbdsink.store import Store  # noqa: E402
@@ -50,16 +53,136 @@ _lock_fd: int | None = None
 _stop = threading.Event()
 
 
-class PluginError(Exception):
-    """What the plugin raises to nbdkit: only the message, without the traceback that nbdkit
-    would otherwise log for every expected error (an unknown export, a full disk)."""
+# -- how errors reach nbdkit's log --------------------------------------------------------------
+#
+# nbdkit 1.32's python plugin logs every exception a callback raises with one nbdkit_error
+# holding "".join(traceback.format_exception(type, value, tb)) (check_python_failure and
+# print_python_traceback in plugins/python/errors.c): a traceback of several lines, for an
+# unknown export as much as for a bug. And a client such as nbdinfo asks for the same export
+# twice on one connection (NBD_OPT_INFO, then NBD_OPT_GO), each time calling open. So:
+#
+# - A refused export name does not raise. open returns a _Refused handle, logs one line
+#   itself (once per connection and name), and get_size, the first callback nbdkit calls
+#   after open, returns -1: nbdkit then fails the option without a message of its own
+#   (server/protocol-handshake.c, protocol_common_open: "if (size == -1) return -1;") and
+#   replies NBD_REP_ERR_UNKNOWN, exactly as to an open that raised, then closes the handle.
+# - An unexpected exception in open (a bug) propagates: nbdkit logs its full traceback, once
+#   per connection and name (the second ask of the same connection gets a _Refused).
+# - A request on an open export can only fail by raising, so an expected error there (a
+#   write to a version, a full disk, a damaged chunk) raises ExpectedError, which the hook
+#   below formats as its message alone; any other exception keeps its whole traceback.
 
 
-def _fail(exc: BaseException) -> None:
-    """Report an exception to the client with its errno (EIO when it carries none)."""
-    nbdkit.set_error(getattr(exc, "errno", None) or errno.EIO)
-    raise PluginError(f"{type(exc).__name__}: {exc}").with_traceback(None) from None
+class ExpectedError(Exception):
+    """An error that is the client's or the environment's, not the plugin's: nbdkit logs its
+    message alone, on one line (see _format_expected_errors)."""
 
+
+def _format_expected_errors() -> None:
+    """Make ``traceback.format_exception`` render an ExpectedError as its message alone.
+
+    nbdkit looks the function up in the ``traceback`` module each time a callback fails, so
+    wrapping it there is the one way to shape that log line. Only ExpectedError changes;
+    every other exception is formatted as before, with its full traceback.
+    """
+    original = traceback.format_exception
+    if getattr(original, "_nbdsink_expected", False):
+        return  # already wrapped (the module was loaded twice)
+
+    def format_exception(exc: Any, /, *args: Any, **kwargs: Any) -> list[str]:
+        value = args[0] if args else kwargs.get("value", exc)
+        if isinstance(value, ExpectedError):
+            return [" ".join(str(value).splitlines())]
+        result: list[str] = original(exc, *args, **kwargs)
+        return result
+
+    format_exception._nbdsink_expected = True  # type: ignore[attr-defined]
+    traceback.format_exception = format_exception
+
+
+_format_expected_errors()
+
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+"""An OSError with one of these is the machine's trouble (a full or failing disk), not a bug."""
+
+
+def _is_expected(exc: BaseException) -> bool:
+    return isinstance(exc, NbdsinkError) or (
+        isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS)
+
+
+def _request_failed(h: Session, what: str, exc: Exception) -> None:
+    """Give the client the error's errno; raise an ExpectedError (one log line) for an
+    expected error. For anything else return, and the caller re-raises the original: nbdkit
+    logs its whole traceback, which a bug needs."""
+    if _is_expected(exc):
+        nbdkit.set_error(getattr(exc, "errno", None) or errno.EIO)
+        raise ExpectedError(f"export {h.export!r}: {what}: {exc}") from None
+    nbdkit.set_error(errno.EIO)
+
+
+class _Refused:
+    """The handle of an open that was refused without an exception: get_size fails it."""
+
+    __slots__ = ("shown",)
+
+    def __init__(self, shown: str) -> None:
+        self.shown = shown
+
+
+_reported_lock = threading.Lock()
+_reported: dict[int, set[str]] = {}
+"""Per connection (its nbdkit thread: the handshake of one connection runs in one thread,
+preconnect included), the export names whose refusal or failure was already logged."""
+_REPORTED_CONNECTIONS = 4096
+
+
+def preconnect(readonly: bool) -> None:
+    """A new connection starts on this thread: what an earlier one on it reported is
+    forgotten (threads, and so their ids, are reused)."""
+    with _reported_lock:
+        _reported.pop(threading.get_native_id(), None)
+
+
+def _first_report(shown: str) -> bool:
+    """True the first time ``shown`` is reported on this connection."""
+    tid = threading.get_native_id()
+    with _reported_lock:
+        names = _reported.setdefault(tid, set())
+        if shown in names:
+            return False
+        names.add(shown)
+        while len(_reported) > _REPORTED_CONNECTIONS:
+            del _reported[next(iter(_reported))]  # the oldest connection's
+        return True
+
+
+def _refuse(shown: str, reason: str, err: int) -> _Refused:
+    """Refuse an export with one line in the log, naming it and the reason."""
+    nbdkit.set_error(err)
+    message = " ".join(f"export {shown} refused: {reason}".splitlines())
+    if _first_report(shown):
+        if not nbdkit_c.log_error(message):
+            _log(message)
+    else:
+        nbdkit.debug(f"{message} (again on this connection)")
+    return _Refused(shown)
+
+
+def _export_name() -> tuple[str | None, str]:
+    """The export name (None when it is not UTF-8) and how the log shows it."""
+    try:
+        name: str = nbdkit.export_name()
+    except UnicodeDecodeError as exc:
+        raw = nbdkit_c.export_name_bytes()
+        return None, repr(raw) if raw is not None else f"(bytes {exc.object!r})"
+    return name, repr(name)
+
+
+def _reason(exc: BaseException, name: str) -> str:
+    """The error's message, without the "export NAME: " its text may start with (the log
+    line names the export already)."""
+    return str(exc).removeprefix(f"export {name!r}: ")
 
 def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
@@ -177,30 +300,39 @@ def default_export(readonly: bool, is_tls: bool) -> str:
     return ""
 
 
-def open(readonly: bool) -> Session:  # nbdkit's callback name shadows the builtin
+def open(readonly: bool) -> Session | _Refused:  # nbdkit's callback name shadows the builtin
+    """A Session for the export the client asked for, or a _Refused (see the top of this
+    module for why a refusal is not an exception)."""
     assert _store is not None and _heads is not None
-    name = "?"
+    name, shown = _export_name()
+    if name is None:
+        return _refuse(shown, "the name is not valid UTF-8", errno.ENOENT)
     try:
-        name = nbdkit.export_name()
         return Session(_store, _heads, name, readonly)
-    except UnicodeDecodeError:
-        nbdkit.set_error(errno.ENOENT)
-        raise PluginError("the export name is not valid UTF-8") from None
-    except Exception as exc:
-        nbdkit.debug(f"open {name!r}: {exc}")
-        _fail(exc)
-        raise
+    except NbdsinkError as exc:
+        return _refuse(shown, _reason(exc, name), getattr(exc, "errno", None) or errno.ENOENT)
+    except Exception:
+        if not _first_report(shown):
+            nbdkit.debug(f"export {shown}: failed again on this connection (the traceback "
+                         "is above)")
+            return _Refused(shown)
+        nbdkit.set_error(errno.EIO)
+        raise  # a bug: nbdkit logs the whole traceback
 
 
-def close(h: Session) -> None:
-    h.close()
+def close(h: Session | _Refused) -> None:
+    if isinstance(h, Session):
+        h.close()
+
 
 
 def export_description(h: Session) -> str:
     return h.description
 
 
-def get_size(h: Session) -> int:
+def get_size(h: Session | _Refused) -> int:
+    if isinstance(h, _Refused):
+        return -1  # fails the NBD option quietly: the refusal is logged already
     return h.size
 
 
@@ -252,7 +384,8 @@ def pread(h: Session, buf: memoryview, offset: int, flags: int) -> None:
     try:
         h.pread(memoryview(buf), offset)
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, f"read of {len(buf)} bytes at {offset}", exc)
+        raise
 
 
 def pwrite(h: Session, buf: memoryview, offset: int, flags: int) -> None:
@@ -260,21 +393,24 @@ def pwrite(h: Session, buf: memoryview, offset: int, flags: int) -> None:
     try:
         h.pwrite(memoryview(buf), offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, f"write of {len(buf)} bytes at {offset}", exc)
+        raise
 
 
 def zero(h: Session, count: int, offset: int, flags: int) -> None:
     try:
         h.zero(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, f"zero of {count} bytes at {offset}", exc)
+        raise
 
 
 def trim(h: Session, count: int, offset: int, flags: int) -> None:
     try:
         h.trim(count, offset, fua=bool(flags & nbdkit.FLAG_FUA))
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, f"trim of {count} bytes at {offset}", exc)
+        raise
 
 
 def flush(h: Session, flags: int) -> None:
@@ -283,12 +419,13 @@ def flush(h: Session, flags: int) -> None:
         if info is not None:
             nbdkit.debug(f"committed {info.volume}@{info.version}")
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, "flush", exc)
+        raise
 
 
 def extents(h: Session, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     try:
         return h.extents(count, offset)
     except Exception as exc:
-        _fail(exc)
+        _request_failed(h, f"block status of {count} bytes at {offset}", exc)
         raise

@@ -145,6 +145,8 @@ class Session:
 
     def __init__(self, store: Store, heads: Heads, export_name: str, readonly: bool) -> None:
         self.store = store
+        self.export = export_name
+        """The export name as the client gave it."""
         try:
             self.name: ExportName = parse_export_name(export_name)
             self.volume = store.volume(self.name.volume)
