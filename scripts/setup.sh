@@ -18,6 +18,8 @@ APT_PACKAGES=(
     qemu-utils
     # the real kernel in a VM (tests/vm) and what the guest's initramfs is made of
     qemu-system-x86 busybox-static cpio kmod dmsetup
+    # LUKS in the guest: the encrypted-at-rest test replicates a dm-crypt container
+    cryptsetup-bin
     # Python: venv and headers for the embedded interpreter
     python3 python3-venv python3-dev
     # the eBPF tracker: clang/llvm for CO-RE, libbpf to load it, bpftool for vmlinux.h

@@ -46,8 +46,8 @@ def register(sub: Any) -> None:
     when.add_argument("--interval", type=parse_duration, default=10.0, metavar="DURATION",
                       help="time between cycle starts (default 10s)")
     p.add_argument("--freeze", metavar="MOUNTPOINT",
-                   help="freeze this filesystem (on DEVICE) briefly so each version is "
-                        "point-in-time consistent")
+                   help="freeze this filesystem (on DEVICE, or on a LUKS or LVM device over it) "
+                        "briefly so each version is point-in-time consistent")
     p.add_argument("--pre-hook", metavar="CMD", help="shell command run before each freeze")
     p.add_argument("--post-hook", metavar="CMD", help="shell command run after each thaw")
     p.add_argument("--frozen-hook", metavar="CMD",

@@ -114,6 +114,39 @@ def mount_source(mountpoint: str) -> tuple[int, int]:
     return found
 
 
+def stacked_on(upper: tuple[int, int], lower: tuple[int, int], sys_root: str = "/sys") -> bool:
+    """Is block device ``upper`` (major, minor) ``lower``, or built on it through layers?
+
+    A filesystem in a LUKS container or an LVM volume sits on a device-mapper device whose
+    ``slaves`` in sysfs lead down to the replicated partition. Freezing that filesystem
+    flushes every layer in between (the freeze waits for its writes, which complete only
+    once each layer wrote the device under it), so the replicated device is then at rest
+    too: replicating the container keeps the backup ciphertext and still point-in-time.
+    """
+    seen: set[tuple[int, int]] = set()
+    todo = [upper]
+    while todo:
+        dev = todo.pop()
+        if dev == lower:
+            return True
+        if dev in seen:
+            continue
+        seen.add(dev)
+        slaves = os.path.join(sys_root, "dev", "block", f"{dev[0]}:{dev[1]}", "slaves")
+        try:
+            names = os.listdir(slaves)
+        except OSError:
+            continue  # no layer under it (a disk, a partition, a loop device)
+        for name in names:
+            try:
+                with open(os.path.join(slaves, name, "dev")) as f:
+                    major, minor = f.read().strip().split(":")
+            except (OSError, ValueError):
+                continue
+            todo.append((int(major), int(minor)))
+    return False
+
+
 def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
         "\\134", "\\"

@@ -109,7 +109,10 @@ class Replicator:
                 rdev = os.stat(self.options.device).st_rdev
             except OSError as exc:
                 raise DeviceError(f"cannot open {self.options.device}: {exc.strerror}") from exc
-            if mount_dev != (os.major(rdev), os.minor(rdev)):
+            # The filesystem may sit on the device itself or on layers over it: a LUKS
+            # container is replicated under its dm-crypt mapping, so that the backup holds
+            # ciphertext only, while its filesystem is mounted from the mapping.
+            if not freezing.stacked_on(mount_dev, (os.major(rdev), os.minor(rdev))):
                 raise FreezeError(
                     f"--freeze {self.options.freeze}: that filesystem is not on "
                     f"{self.options.device} (it is on device {mount_dev[0]}:{mount_dev[1]})"

@@ -81,3 +81,27 @@ def test_next_start_thaws_what_a_killed_sender_left_frozen(
 def test_not_a_mountpoint(tmp_path: Path) -> None:
     with pytest.raises(FreezeError, match="not a mountpoint"):
         freeze.mount_source(str(tmp_path / "nowhere"))
+
+
+def test_stacked_on_follows_layers_down(tmp_path: Path) -> None:
+    """--freeze names a filesystem on a mapping over the device (LUKS on a partition, say):
+    the sysfs ``slaves`` links lead from the mapping down to it, through every layer."""
+
+    def dev(majmin: str, *slaves: str) -> None:
+        d = tmp_path / "dev" / "block" / majmin
+        d.mkdir(parents=True)
+        (d / "dev").write_text(majmin + "\n")
+        (d / "slaves").mkdir()
+        for s in slaves:
+            (d / "slaves" / s.replace(":", "-")).symlink_to(tmp_path / "dev" / "block" / s)
+
+    dev("8:2")  # the partition
+    dev("253:0", "8:2")  # LUKS on it
+    dev("253:1", "253:0")  # an LVM volume in the container
+    dev("8:3")
+    root = str(tmp_path)
+    assert freeze.stacked_on((253, 1), (8, 2), root)
+    assert freeze.stacked_on((253, 0), (8, 2), root)
+    assert freeze.stacked_on((8, 2), (8, 2), root)
+    assert not freeze.stacked_on((253, 1), (8, 3), root)
+    assert not freeze.stacked_on((8, 2), (253, 0), root), "a layer is not on what is over it"
