@@ -39,6 +39,8 @@ _add_site_dirs()
 from nbdsink import metrics  # noqa: E402
 from nbdsink.errors import NbdsinkError  # noqa: E402
 from nbdsink.server import nbdkit_c  # noqa: E402
+from nbdsink.server.access import READ, AccessRules, describe  # noqa: E402
+from nbdsink.server.exports import SCRATCH_VIEW, parse_export_name  # noqa: E402
 from nbdsink.server.maintenance import run_maintenance  # noqa: E402
 from nbdsink.server.session import Heads, Session, export_list  # noqa: E402
 from nbdsink.store import Store  # noqa: E402
@@ -50,6 +52,7 @@ _config: dict[str, str] = {}
 _store: Store | None = None
 _heads: Heads | None = None
 _lock_fd: int | None = None
+_access: AccessRules | None = None
 _stop = threading.Event()
 
 
@@ -189,17 +192,21 @@ def thread_model() -> int:
 
 
 def config(key: str, value: str) -> None:
-    if key not in ("store", "map_size", "batch_size", "metrics"):
+    if key not in ("store", "map_size", "batch_size", "metrics", "access"):
         raise RuntimeError(
             f"unknown parameter {key!r}: expected store=DIR [map_size=SIZE] [batch_size=SIZE] "
-            "[metrics=HOST:PORT]"
+            "[metrics=HOST:PORT] [access=FILE]"
         )
     _config[key] = value
 
 
 def config_complete() -> None:
+    global _access
     if "store" not in _config:
         raise RuntimeError("missing store=DIR")
+    if "access" in _config:
+        # `nbdsink serve` checked the file already; this is for nbdkit run by hand.
+        _access = AccessRules.load(_config["access"])
 
 
 # glibc mallopt parameters
@@ -293,7 +300,13 @@ def cleanup() -> None:
 
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     assert _store is not None
-    return export_list(_store)
+    exports = export_list(_store)
+    if _access is None:
+        return exports
+    # A client sees only the volumes it may open (names never hold '@' or ';').
+    peer = nbdkit_c.peer()
+    return [(name, text) for name, text in exports
+            if _access.grant(peer, name.partition("@")[0]) is not None]
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:
@@ -308,7 +321,11 @@ def open(readonly: bool) -> Session | _Refused:  # nbdkit's callback name shadow
     if name is None:
         return _refuse(shown, "the name is not valid UTF-8", errno.ENOENT)
     try:
+        if _access is not None:
+            readonly = _apply_access(name, readonly)
         return Session(_store, _heads, name, readonly)
+    except _AccessRefused as exc:
+        return _refuse(shown, str(exc), errno.EACCES)
     except NbdsinkError as exc:
         return _refuse(shown, _reason(exc, name), getattr(exc, "errno", None) or errno.ENOENT)
     except Exception:
@@ -318,6 +335,24 @@ def open(readonly: bool) -> Session | _Refused:  # nbdkit's callback name shadow
             return _Refused(shown)
         nbdkit.set_error(errno.EIO)
         raise  # a bug: nbdkit logs the whole traceback
+
+
+class _AccessRefused(Exception):
+    """--access gives this client nothing on the volume."""
+
+
+def _apply_access(name: str, readonly: bool) -> bool:
+    """Check --access for this client; the ``readonly`` the export is opened with."""
+    assert _access is not None
+    parsed = parse_export_name(name)  # a malformed name is refused as such
+    peer = nbdkit_c.peer()
+    grant = _access.grant(peer, parsed.volume)
+    if grant is None:
+        raise _AccessRefused(f"{describe(peer)} has no access to volume {parsed.volume!r} "
+                             f"(--access {_access.path})")
+    # Read access serves every export read-only, except a scratch view, whose writes
+    # live only for the connection and never reach the store.
+    return readonly or (grant == READ and parsed.view != SCRATCH_VIEW)
 
 
 def close(h: Session | _Refused) -> None:
