@@ -13,8 +13,9 @@ that needs them runs in a guest:
 * a second, writable 9p share carries the command in and its output and exit status out.
 
 ``run("command")`` boots, runs the command under ``/bin/sh`` in the repository, powers off
-and returns a :class:`VmResult`. A missing qemu or kernel raises :class:`VmError`: never a
-silent skip.
+and returns a :class:`VmResult`. ``boot(script)`` instead hands PID 1 to ``script`` (a
+second-stage init, which may ``switch_root`` into another root) and returns the console. A
+missing qemu or kernel raises :class:`VmError`: never a silent skip.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ ln -sfn "$(cat /modules.root)/lib/modules/$release" "/newroot/usr/lib/modules/$r
 mkdir -p /sbin
 printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' > /sbin/modprobe
 chmod 755 /sbin/modprobe
+# boot(): a script that runs as PID 1 from here on (a second-stage init: it may
+# switch_root away and never come back), instead of a command in the chroot.
+if [ -f /newroot/run/vm/init.sh ]; then
+    echo "nbdsink-vm: handing PID 1 to init.sh"
+    . /newroot/run/vm/init.sh
+    fail "init.sh returned"
+fi
 echo "nbdsink-vm: running"
 chroot /newroot /bin/sh -c '. /run/vm/cmd.sh' >/newroot/run/vm/output 2>&1
 echo $? > /newroot/run/vm/status
@@ -333,22 +341,7 @@ def run(
         (share / "cmd.sh").write_text(script)
         (share / "overlays").write_text("".join(f"{p}\n" for p in _hidden_paths(cwd)))
         console = console_log or Path(tmp) / "console.log"
-        argv = [
-            QEMU,
-            "-accel", "tcg",
-            "-cpu", "max",
-            "-smp", str(cpus),
-            "-m", str(memory_mb),
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", f"file:{console}",
-            "-kernel", str(k.image),
-            "-initrd", str(ramfs),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off random.trust_cpu=on",
-            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={share},mount_tag=share,security_model=none,multidevs=remap",
-        ]  # fmt: skip
-        for drive in drives:
-            argv += ["-drive", f"file={drive},format=raw,if=virtio,cache=writeback"]
+        argv = _qemu_argv(k, ramfs, share, console, memory_mb=memory_mb, cpus=cpus, drives=drives)
         start = time.monotonic()
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -369,6 +362,92 @@ def run(
                 f"--- console (tail) ---\n{_read(console)[-3000:]}"
             )
         return VmResult(int(status), _read(share / "output"), _read(console))
+
+
+_APPEND = "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off random.trust_cpu=on"
+"""The kernel command line: the console on the serial port, a panic ends the boot at once."""
+
+
+def _qemu_argv(
+    k: Kernel,
+    ramfs: Path,
+    share: Path,
+    console: Path,
+    *,
+    memory_mb: int,
+    cpus: int,
+    drives: Sequence[Path],
+    append: str = "",
+) -> list[str]:
+    """The qemu command line: TCG, the host root and ``share`` over 9p, ``drives`` as virtio."""
+    argv = [
+        QEMU,
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", str(cpus),
+        "-m", str(memory_mb),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-serial", f"file:{console}",
+        "-kernel", str(k.image),
+        "-initrd", str(ramfs),
+        "-append", f"{_APPEND} {append}".strip(),
+        "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={share},mount_tag=share,security_model=none,multidevs=remap",
+    ]  # fmt: skip
+    for drive in drives:
+        argv += ["-drive", f"file={drive},format=raw,if=virtio,cache=writeback"]
+    return argv
+
+
+def boot(
+    init: str,
+    *,
+    timeout: float = 600,
+    memory_mb: int = 1536,
+    cpus: int = 2,
+    drives: Sequence[Path] = (),
+    append: str = "",
+    console_log: Path | None = None,
+) -> str:
+    """Boot the guest and hand PID 1 to ``init``; return the serial console once it is off.
+
+    ``init`` is sourced by the initramfs's busybox ``sh`` (``PATH=/bin``: busybox applets)
+    as PID 1, after the usual set-up: the host root (tmpfs overlay) is at ``/newroot``, with
+    ``/newroot/proc``, ``/sys``, ``/dev`` mounted and ``chroot /newroot modprobe`` working;
+    ``fail MESSAGE`` prints the message and powers off. It is a second-stage init: it may ``switch_root`` into a root of its own and never
+    return; the guest ends when something powers it off (or PID 1 dies: a panic, which
+    ``panic=-1`` turns into the end of the boot). Nothing comes back but the console (and
+    whatever was written to ``drives``), so ``init`` and what it starts print what the
+    caller checks. ``append`` is added to the kernel command line, where ``init`` and any
+    later init read it from ``/proc/cmdline``. A qemu failure or a guest that outlives
+    ``timeout`` raises :class:`VmError` with the console's tail.
+    """
+    if shutil.which(QEMU) is None:
+        raise VmError(f"{QEMU} is missing: install qemu-system-x86 (scripts/setup.sh)")
+    k = kernel()
+    ramfs = initramfs(k)
+    with tempfile.TemporaryDirectory(prefix="nbdsink-vm-") as tmp:
+        share = Path(tmp) / "share"
+        share.mkdir()
+        (share / "init.sh").write_text(init)
+        (share / "overlays").write_text("".join(f"{p}\n" for p in _hidden_paths(REPO)))
+        console = console_log or Path(tmp) / "console.log"
+        argv = _qemu_argv(
+            k, ramfs, share, console, memory_mb=memory_mb, cpus=cpus, drives=drives, append=append
+        )
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise VmError(
+                f"guest did not power off within {timeout:.0f}s\n--- console (tail) ---\n"
+                f"{_read(console)[-3000:]}"
+            ) from exc
+        if proc.returncode != 0:
+            raise VmError(
+                f"qemu exited {proc.returncode}\n{proc.stderr[-2000:]}\n--- console (tail) ---\n"
+                f"{_read(console)[-3000:]}"
+            )
+        return _read(console)
 
 
 def _read(path: Path) -> str:
