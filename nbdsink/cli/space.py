@@ -246,9 +246,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
         reclaim.finish_deletions(store)
         # Without a server nobody can hold a chunk it took as stored: no grace needed.
         swept = reclaim.sweep(store, grace=0.0 if alone else GARBAGE_GRACE_SECONDS)
-        retired = reclaim.compact(store, min_dead=0.1, seal_active=True)
+        reclaim.seal_dirty(store, min_dead=0.1)
+        punched = reclaim.punch_holes(store)
+        retired = reclaim.compact(store, min_dead=0.1)
         after = reclaim.usage(store, per_volume=False)["total"]["disk_bytes"]
     summary = {"chunks_deleted": swept.chunks, "bytes_deleted": swept.bytes,
+               "chunks_punched": punched.chunks, "bytes_punched": punched.bytes,
                "segments_compacted": retired, "disk_bytes_before": before,
                "disk_bytes_after": after, "server_running": not alone}
     if args.json:

@@ -1,6 +1,7 @@
 """What ``nbdsink serve`` does by itself in the background: apply every volume's retention
-policy after commits, sweep unreferenced chunks, compact sealed segments that fell low,
-finish prunes and volume deletions a crash interrupted.
+policy after commits, sweep unreferenced chunks, punch their pages out of sealed segments,
+compact sealed segments that fell low, finish prunes and volume deletions a crash
+interrupted.
 
 Each step works in short transactions of the store (see :mod:`nbdsink.store.reclaim`), so
 ingest and reads go on meanwhile; a pass is bounded in time and the next one continues.
@@ -62,6 +63,10 @@ class Maintenance:
             swept = reclaim.sweep(store, deadline=deadline)
         if swept.chunks:
             self.log(f"swept {swept.chunks} unreferenced chunks ({swept.bytes} bytes)")
+        punched = reclaim.punch_holes(store, deadline=deadline)
+        if punched.chunks:
+            self.log(f"punched {punched.chunks} dead chunks out of sealed segments "
+                     f"({punched.bytes} bytes)")
         retired = reclaim.compact(store, min_dead=COMPACT_MIN_DEAD, deadline=deadline)
         if retired:
             self.log(f"compacted away segment(s) {', '.join(map(str, retired))}")

@@ -9,9 +9,11 @@ step keeps it:
   is reading: see :mod:`nbdsink.store.readers`) first deletes V's record and leaves a
   tombstone naming the next version W, in one transaction; then, in short transactions, each
   of V's map entries is moved to W when W has no entry of its own for that block (W went on
-  showing it), or dropped (one reference less) when W has one. A crash leaves the tombstone,
-  and the next pass finishes the merge. Readers of every other version see the same bytes
-  before, during and after.
+  showing it), or dropped (one reference less) when W has one. The oldest version is the
+  exception: its entries stay where they are (the versions above read them), and only those
+  W shadows are dropped, so pruning it costs what W changed, not the volume's size. A crash
+  leaves the tombstone, and the next pass finishes the merge. Readers of every other version
+  see the same bytes before, during and after.
 - **Sweeping**: a chunk whose reference count fell to zero is deleted from the index once it
   has been unreferenced for a grace period, re-checked in the deleting transaction; a writer
   that took it as stored revives it first (see ``GARBAGE_GRACE_SECONDS``).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
@@ -34,7 +37,7 @@ from typing import Any
 
 import lmdb
 
-from nbdsink.store import keys
+from nbdsink.store import holes, keys
 from nbdsink.store.chunks import HEADER_SIZE
 from nbdsink.store.errors import StoreError, UnknownVolume
 from nbdsink.store.readers import PruneLock
@@ -60,6 +63,10 @@ BATCH = 2000
 """Entries per transaction: each stays a few milliseconds, so ingest and reads go on."""
 COPY_BATCH_BYTES = 16 << 20
 """Data copied per step of a compaction."""
+ALMOST_EMPTY = 0.1
+"""A sealed segment with less live data than this fraction of it is compacted whatever was
+punched out of it: copying the little left keeps the number of files (and their B-tree
+pages) in proportion to the data."""
 
 
 # -- pruning --------------------------------------------------------------------------------
@@ -171,53 +178,136 @@ def _next_version(store: Store, txn: lmdb.Transaction, vid: int, version: int) -
 
 
 def finish_pruning(store: Store) -> int:
-    """Merge the entries of every version whose pruning started (after a crash too)."""
+    """Merge the entries of every version whose pruning started (after a crash too).
+
+    Tombstones are finished in version order, so a version's merge always sees the ones
+    below it done (a step re-checks that in its own transaction, so two processes finishing
+    at once stay correct)."""
     todo = store.read(lambda r: [
         (keys.unpack_version_key(bytes(k)), json.loads(bytes(v))["into"])
         for k, v in r.txn.cursor(db=store._pruning)])
     for (vid, version), into in todo:
-        while not _merge_step(store, vid, version, into):
+        after = [0]
+        while not _merge_step(store, vid, version, into, after):
             pass
     return len(todo)
 
 
-def _merge_step(store: Store, vid: int, version: int, into: int) -> bool:
-    """Move or drop up to BATCH entries of ``version`` into ``into``; True when done."""
+def _below(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> bool:
+    """Does volume ``vid`` have a version or a tombstone older than ``version``?"""
+    for db in (store._versions, store._pruning):
+        cur = txn.cursor(db=db)
+        if cur.set_range(keys.version_key(vid, 0)):
+            key_vid, first = keys.unpack_version_key(bytes(cur.key()))
+            if key_vid == vid and first < version:
+                return True
+    return False
+
+
+def _above(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int | None:
+    """The oldest version or tombstone of volume ``vid`` newer than ``version``."""
+    found = []
+    for db in (store._versions, store._pruning):
+        cur = txn.cursor(db=db)
+        if cur.set_range(keys.version_key(vid, version + 1)):
+            key_vid, nxt = keys.unpack_version_key(bytes(cur.key()))
+            if key_vid == vid:
+                found.append(nxt)
+    return min(found, default=None)
+
+
+def _merge_step(store: Store, vid: int, version: int, into: int, after: list[int]) -> bool:
+    """One transaction of finishing ``version``'s tombstone; True when done.
+
+    The oldest version of a volume (nothing older left, not even a tombstone) is the base
+    every later version reads its unchanged blocks from: its entries stay where they are and
+    go on being read by the versions above (an entry is visible to every version at or above
+    its own number), and only the entries the next version W shadows (W changed that block)
+    are dropped. That costs what W changed, not the whole volume, which moving the base's
+    entries would (pruning the oldest version is what keep-last does every cycle).
+
+    A version in the middle has versions below that must not see its entries: each of its
+    entries is moved to ``into`` when ``into`` has none for that block, or dropped (one
+    reference less) when it has one. That costs what the pruned version changed.
+    """
     def step(txn: lmdb.Transaction) -> bool:
-        cur = txn.cursor(db=store._changes)
-        prefix = keys.change_key(vid, version, 0)[:12]
-        moved = 0
-        n = 0
-        if cur.set_range(prefix):
-            while n < BATCH and bytes(cur.key())[:12] == prefix:
-                _, _, block = keys.unpack_change_key(bytes(cur.key()))
-                old_key = keys.map_key(vid, block, version)
-                value = txn.get(old_key, db=store._map)
-                new_key = keys.map_key(vid, block, into)
-                if value is not None:
-                    if txn.get(new_key, db=store._map) is not None:
-                        if len(value):
-                            store._decref(txn, bytes(value))
-                    else:
-                        txn.put(new_key, bytes(value), db=store._map)
-                        txn.put(keys.change_key(vid, into, block), b"", db=store._changes)
-                        moved += 1
-                    txn.delete(old_key, db=store._map)
-                if not cur.delete():
-                    break
-                n += 1
-        if moved:
-            vkey = keys.version_key(vid, into)
-            raw = txn.get(vkey, db=store._versions)
-            if raw is not None:
-                rec = json.loads(bytes(raw))
-                rec["blocks_changed"] = int(rec["blocks_changed"]) + moved
-                txn.put(vkey, json.dumps(rec).encode(), db=store._versions)
-        if n < BATCH:
-            txn.delete(keys.version_key(vid, version), db=store._pruning)
-            return True
-        return False
+        if txn.get(keys.version_key(vid, version), db=store._pruning) is None:
+            return True  # finished meanwhile (another process)
+        if not _below(store, txn, vid, version):
+            shadow = _above(store, txn, vid, version)
+            if shadow is not None:
+                return _drop_shadowed(store, txn, vid, version, shadow, after)
+        return _move_entries(store, txn, vid, version, into)
     return store.write(step)
+
+
+def _drop_shadowed(store: Store, txn: lmdb.Transaction, vid: int, version: int, shadow: int,
+                   after: list[int]) -> bool:
+    """Drop every entry older than ``shadow`` of the blocks ``shadow`` has entries for
+    (continuing from block ``after[0]``); True (and the tombstone gone) when done."""
+    changes = txn.cursor(db=store._changes)
+    entries = txn.cursor(db=store._map)
+    prefix = keys.change_key(vid, shadow, 0)[:12]
+    n = 0
+    if changes.set_range(keys.change_key(vid, shadow, after[0])):
+        while n < BATCH and bytes(changes.key())[:12] == prefix:
+            _, _, block = keys.unpack_change_key(bytes(changes.key()))
+            # Entries of a block sort newest first: from the newest below ``shadow`` on.
+            while entries.set_range(keys.map_key(vid, block, shadow - 1)):
+                key_vid, key_block, old = keys.unpack_map_key(bytes(entries.key()))
+                if (key_vid, key_block) != (vid, block):
+                    break
+                value = bytes(entries.value())
+                if value:
+                    store._decref(txn, value)
+                txn.delete(keys.change_key(vid, old, block), db=store._changes)
+                entries.delete()
+            after[0] = block + 1
+            n += 1
+            if not changes.next():
+                break
+    if n < BATCH:
+        txn.delete(keys.version_key(vid, version), db=store._pruning)
+        return True
+    return False
+
+
+def _move_entries(store: Store, txn: lmdb.Transaction, vid: int, version: int,
+                  into: int) -> bool:
+    """Move or drop up to BATCH entries of ``version`` into ``into``; True when done."""
+    cur = txn.cursor(db=store._changes)
+    prefix = keys.change_key(vid, version, 0)[:12]
+    moved = 0
+    n = 0
+    if cur.set_range(prefix):
+        while n < BATCH and bytes(cur.key())[:12] == prefix:
+            _, _, block = keys.unpack_change_key(bytes(cur.key()))
+            old_key = keys.map_key(vid, block, version)
+            value = txn.get(old_key, db=store._map)
+            new_key = keys.map_key(vid, block, into)
+            if value is not None:
+                if txn.get(new_key, db=store._map) is not None:
+                    if len(value):
+                        store._decref(txn, bytes(value))
+                else:
+                    txn.put(new_key, bytes(value), db=store._map)
+                    txn.put(keys.change_key(vid, into, block), b"", db=store._changes)
+                    moved += 1
+                txn.delete(old_key, db=store._map)
+            if not cur.delete():
+                break
+            n += 1
+    if moved:
+        vkey = keys.version_key(vid, into)
+        raw = txn.get(vkey, db=store._versions)
+        if raw is not None:
+            rec = json.loads(bytes(raw))
+            rec["blocks_changed"] = int(rec["blocks_changed"]) + moved
+            txn.put(vkey, json.dumps(rec).encode(), db=store._versions)
+    if n < BATCH:
+        txn.delete(keys.version_key(vid, version), db=store._pruning)
+        return True
+    return False
 
 
 def apply_policies(store: Store) -> list[PruneReport]:
@@ -275,6 +365,9 @@ def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
                         loc = Location.decode(raw)
                         txn.delete(digest, db=store._index)
                         txn.delete(_seg_key(loc.segment, digest), db=store._seg_chunks)
+                        if loc.segment:
+                            txn.put(_seg_key(loc.segment, digest), _TXN.pack(txn.id()),
+                                    db=store._holes)
                         live[loc.segment] = live.get(loc.segment, 0) - loc.length
                         chunks += 1
                         nbytes += loc.length
@@ -294,6 +387,98 @@ def sweep(store: Store, grace: float = GARBAGE_GRACE_SECONDS,
     return report
 
 
+_TXN = struct.Struct(">Q")
+
+
+# -- punching dead chunks out of sealed segments ----------------------------------------------
+
+
+@dataclass
+class PunchReport:
+    chunks: int = 0
+    bytes: int = 0
+
+
+def punch_holes(store: Store, deadline: float | None = None) -> PunchReport:
+    """Free the disk blocks of swept chunks in sealed segments (see :mod:`.holes`).
+
+    A chunk's pages are punched only when (in one snapshot) its segment is sealed and the
+    index does not point to that segment for it (it may have come back while the segment was
+    active), and no read transaction of any process is older than the sweep that deleted
+    it (an older one may have looked it up, and may still read it)."""
+    report = PunchReport()
+    oldest = store.oldest_reader()
+
+    def scan(r: Reading) -> tuple[dict[int, list[bytes]], list[bytes]]:
+        ready: dict[int, list[bytes]] = {}
+        forget: list[bytes] = []
+        states: dict[int, str] = {}
+        for k, v in r.txn.cursor(db=store._holes):
+            key = bytes(k)
+            sid, digest = _unpack_u32(key[:4]), key[4:]
+            if sid not in states:
+                states[sid] = store._segment_record(r.txn, sid)["state"]
+            raw = r.txn.get(digest, db=store._index)
+            if states[sid] == "retired" or (raw is not None
+                                            and Location.decode(raw).segment == sid):
+                forget.append(key)  # the file is gone, or the chunk is live there again
+            elif states[sid] == "sealed" and (oldest is None
+                                              or oldest >= _TXN.unpack(bytes(v))[0]):
+                ready.setdefault(sid, []).append(digest)
+        return ready, forget
+    ready, forget = store.read(scan)
+    for sid, digests in ready.items():
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        try:
+            n, nbytes = _punch_segment(store, sid, digests)
+        except SegmentGone:
+            n, nbytes = 0, 0
+        report.chunks += n
+        report.bytes += nbytes
+        forget.extend(_seg_key(sid, d) for d in digests)
+
+    def done(txn: lmdb.Transaction) -> None:
+        for key in forget:
+            txn.delete(key, db=store._holes)
+    if forget:
+        store.write(done)
+    return report
+
+
+def _punch_segment(store: Store, sid: int, digests: list[bytes]) -> tuple[int, int]:
+    seg = store.segments.acquire(sid)
+    try:
+        fd = os.open(seg.path, os.O_RDWR)
+        try:
+            mapping = holes.FileMapping(seg.path)
+            runs: list[tuple[int, int]] = []
+            with seg.env.begin(buffers=True) as txn:
+                for digest in digests:
+                    value = txn.get(digest, db=seg.chunks)
+                    if value is None:
+                        continue
+                    offset = mapping.offset_of(holes.buffer_address(value))
+                    if offset is None:
+                        mapping = holes.FileMapping(seg.path)  # the map moved: look again
+                        offset = mapping.offset_of(holes.buffer_address(value))
+                    run = None if offset is None else holes.overflow_run(
+                        fd, offset, len(value), seg.page_size)
+                    if run is not None:  # else not alone in its pages: compaction's to free
+                        runs.append(run)
+            # Neighbouring dead chunks go in one call: a punch costs a journal transaction.
+            nbytes = 0
+            for start, length in holes.coalesce(runs):
+                if not holes.punch(fd, start, length):
+                    break  # the filesystem cannot: compaction will
+                nbytes += length
+            return (len(runs), nbytes) if nbytes else (0, 0)
+        finally:
+            os.close(fd)
+    finally:
+        store.segments.release(seg)
+
+
 def _time(raw: bytes | memoryview) -> float:
     return float(_TIME.unpack(bytes(raw))[0])
 
@@ -307,10 +492,18 @@ class SegmentUsage:
     state: str
     live: int
     used: int
+    """Bytes of the file LMDB uses (pages holding dead chunks included)."""
+    disk: int = 0
+    """Bytes of the file allocated on disk (punched-out pages of dead chunks excluded)."""
 
     @property
     def dead_fraction(self) -> float:
         return 0.0 if self.used <= 0 else max(0.0, 1.0 - self.live / self.used)
+
+    @property
+    def wasted_fraction(self) -> float:
+        """Of the disk space the segment takes, the part that holds no live chunk."""
+        return 0.0 if self.disk <= 0 else max(0.0, 1.0 - self.live / self.disk)
 
 
 def segment_usage(store: Store) -> list[SegmentUsage]:
@@ -321,7 +514,7 @@ def segment_usage(store: Store) -> list[SegmentUsage]:
         if rec["state"] == "retired":
             continue
         if sid == 0:
-            used = _legacy_bytes(store)
+            used = disk = _legacy_bytes(store)
         else:
             try:
                 seg = store.segments.acquire(sid)
@@ -334,7 +527,8 @@ def segment_usage(store: Store) -> list[SegmentUsage]:
                     used = seg.used_bytes()
                 finally:
                     store.segments.release(seg)
-        out.append(SegmentUsage(sid, rec["state"], int(rec.get("live", 0)), used))
+            disk = store.segments.file_bytes(sid)
+        out.append(SegmentUsage(sid, rec["state"], int(rec.get("live", 0)), used, disk))
     return out
 
 
@@ -350,22 +544,39 @@ def _legacy_bytes(store: Store) -> int:
 
 def compact(store: Store, min_dead: float = 0.25, seal_active: bool = False,
             deadline: float | None = None) -> list[int]:
-    """Compact away every sealed segment with at least ``min_dead`` of it dead; with
-    ``seal_active``, seal the active segment first when it holds dead data (so that all of
-    it can go). Returns the segments retired."""
+    """Compact away every sealed segment that wastes at least ``min_dead`` of its disk space
+    on dead data, or that is almost empty; with ``seal_active``, seal the active segments
+    first when they hold dead data (so that all of it can go). Returns the segments retired.
+
+    Dead chunks whose pages were punched out (:func:`punch_holes`) waste nothing, so a
+    segment is copied only for what punching cannot give back (dead data sharing pages
+    with live data), or when the filesystem cannot punch at all: copying live data to free
+    dead data costs (1 - d) / d bytes written per byte freed at dead fraction d.
+    """
     if seal_active:
-        for u in segment_usage(store):
-            if u.state == "active" and u.live < u.used * (1 - min_dead) and u.used > (1 << 20):
-                with store.segments.write_lock:
-                    store._seal(u.id)
+        seal_dirty(store, min_dead)
     retired = []
     for u in segment_usage(store):
         if deadline is not None and time.monotonic() > deadline:
             break
-        wanted = u.state == "sealed" and (u.dead_fraction >= min_dead or u.live == 0)
+        wanted = u.state == "sealed" and (
+            u.live == 0 or u.live < ALMOST_EMPTY * u.used
+            or (u.dead_fraction >= min_dead and u.wasted_fraction >= min_dead))
         if wanted and compact_segment(store, u.id):
             retired.append(u.id)
     return retired
+
+
+def seal_dirty(store: Store, min_dead: float) -> list[int]:
+    """Seal the active segments that hold at least ``min_dead`` dead data (and more than a
+    MiB), so that punching and compaction can give it back now (``nbdsink gc``)."""
+    sealed = []
+    for u in segment_usage(store):
+        if u.state == "active" and u.live < u.used * (1 - min_dead) and u.used > (1 << 20):
+            with store.segments.write_lock, store.segments.compaction_lock:
+                store._seal(u.id)
+            sealed.append(u.id)
+    return sealed
 
 
 def compact_segment(store: Store, sid: int) -> bool:
@@ -441,10 +652,10 @@ def _read_encoded(store: Store, sid: int, digest: bytes) -> tuple[bytes, Locatio
 
 
 def _move(store: Store, sid: int, batch: list[tuple[bytes, bytes, Location]]) -> None:
-    """Copy ``batch`` to the active segment (durably), then repoint what still points here."""
+    """Copy ``batch`` to the compaction segment (durably), then repoint what still points here."""
     for _attempt in range(3):
-        with store.segments.write_lock:
-            active = store._active_segment()
+        with store.segments.compaction_lock:
+            active = store._active_segment(b"compaction_segment")
             items = [(d, e) for d, e, loc in batch if len(e) > HEADER_SIZE]
             used = store.segments.write(active, items) if items else 0
             if used >= store.segments.segment_bytes:

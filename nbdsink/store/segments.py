@@ -63,8 +63,10 @@ class Segment:
             if not path.exists():
                 raise SegmentGone(f"segment {sid} is gone") from None
             raise StoreError(f"cannot open segment {path}: {exc}") from exc
-        self.chunks = self.env.open_db(b"chunks", create=create)
-        self.tails = self.env.open_db(b"tails", create=create)
+        # A crash between creating the file and the first commit leaves a file without its
+        # databases: nothing was ever stored in it, so creating them empty is the repair.
+        self.chunks = self.env.open_db(b"chunks")
+        self.tails = self.env.open_db(b"tails")
         self.page_size = int(self.env.stat()["psize"])
         self.users = 0
         self.retired = False
@@ -111,7 +113,9 @@ class SegmentSet:
         self._retired: set[int] = set()
         self._lock = threading.Lock()
         self.write_lock = threading.Lock()
-        """Held while chunks are written to a segment (one segment writer at a time)."""
+        """Held while new chunks are written to the active segment."""
+        self.compaction_lock = threading.Lock()
+        """Held while a compaction writes moved chunks to its own segment."""
 
     def path(self, sid: int) -> Path:
         return self.dir / f"{sid:08d}.mdb"

@@ -3,7 +3,8 @@
 The **main environment** (``data.mdb`` in the store directory) is the index and the record,
 with named sub-databases (keys in :mod:`nbdsink.store.keys`):
 
-- ``meta``:     b"format" -> JSON header; b"next_volume_id", b"next_segment" -> counters
+- ``meta``:     b"format" -> JSON header; b"next_volume_id", b"next_segment" -> counters;
+                b"active_segment", b"compaction_segment" -> where new and moved chunks go
 - ``volumes``:  name -> JSON {id, size, block_size, created, parent, base, retention}
 - ``versions``: (volume id, version) -> JSON record of a committed version
 - ``map``:      (volume id, block, ~version) -> 32-byte digest, or b"" for an all-zero block
@@ -17,6 +18,8 @@ with named sub-databases (keys in :mod:`nbdsink.store.keys`):
   for, so that pruning a version costs what it changed
 - ``pruning``:  (volume id, version) -> JSON {into}: a version being pruned (its record is
   gone; its entries are still being merged into the next version)
+- ``holes``:    (segment id, digest) -> u64 id of the transaction that swept the chunk: its
+  pages are to be punched out of the segment file once sealed and no reader is older
 - ``pending``:  volume id -> JSON counters of the pending (uncommitted) version
 - ``chunks``, ``chunk_tails``: chunk data of a format-2 store, read in place as segment 0
   until compaction moves them out
@@ -326,7 +329,7 @@ class Store:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
-                str(self.path), map_size=map_size, max_dbs=16, subdir=True,
+                str(self.path), map_size=map_size, max_dbs=24, subdir=True,
                 metasync=False, sync=True, max_readers=512,
             )
         except (lmdb.Error, OSError) as exc:
@@ -346,6 +349,7 @@ class Store:
         self._pins = self.env.open_db(b"pins")
         self._changes = self.env.open_db(b"changes")
         self._pruning = self.env.open_db(b"pruning")
+        self._holes = self.env.open_db(b"holes")
         self._page_size = int(self.env.stat()["psize"])
         self._writeback = WritebackKicker(self.path / "data.mdb")
         self.segments = SegmentSet(self.path)
@@ -547,6 +551,18 @@ class Store:
                 segments.close()
                 self._guard.leave()
             self._adopt_map_size()
+
+    def oldest_reader(self) -> int | None:
+        """The oldest snapshot (transaction id) a read transaction of any process is still
+        on, or None when none is open: what it could have looked up may still be read."""
+        self.env.reader_check()  # forget the slots of processes that died
+        oldest = None
+        for line in self.env.readers().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) == 3 and fields[2].isdigit():
+                txnid = int(fields[2])
+                oldest = txnid if oldest is None else min(oldest, txnid)
+        return oldest
 
     def _adopt_map_size(self) -> None:
         """Another process (a server) grew the map: take its size, then retry."""
@@ -903,21 +919,25 @@ class Store:
                 self._seal(sid)
         return located
 
-    def _active_segment(self) -> int:
-        raw = self.read(lambda r: _bytes(r.txn.get(b"active_segment", db=self._meta)))
+    def _active_segment(self, role: bytes = b"active_segment") -> int:
+        """The segment new chunks go to (``role`` b"active_segment") or compaction copies
+        live chunks to (b"compaction_segment"). Two, so that a compaction never contends
+        with ingest for one segment's writer lock and fsync, and data that survived a
+        compaction (older, likelier to stay) is not mixed with new writes."""
+        raw = self.read(lambda r: _bytes(r.txn.get(role, db=self._meta)))
         if raw is not None:
             return int(raw)
 
         def find(txn: lmdb.Transaction) -> int:
-            raw = txn.get(b"active_segment", db=self._meta)
-            return int(raw) if raw is not None else self._new_segment(txn)
+            raw = txn.get(role, db=self._meta)
+            return int(raw) if raw is not None else self._new_segment(txn, role)
         return self._write_txn(find)
 
-    def _new_segment(self, txn: lmdb.Transaction) -> int:
+    def _new_segment(self, txn: lmdb.Transaction, role: bytes = b"active_segment") -> int:
         raw = txn.get(b"next_segment", db=self._meta)
         sid = int(raw) if raw else 1
         txn.put(b"next_segment", str(sid + 1).encode(), db=self._meta)
-        txn.put(b"active_segment", str(sid).encode(), db=self._meta)
+        txn.put(role, str(sid).encode(), db=self._meta)
         txn.put(_u32(sid), json.dumps({"state": "active", "live": 0}).encode(), db=self._segments_db)
         return sid
 
@@ -925,9 +945,17 @@ class Store:
         """Segment ``sid`` is full: never written again; the next chunks go to a new one."""
         def seal(txn: lmdb.Transaction) -> None:
             rec = self._segment_record(txn, sid)
+            if rec["state"] != "active":
+                return
             rec["state"] = "sealed"
             txn.put(_u32(sid), json.dumps(rec).encode(), db=self._segments_db)
-            self._new_segment(txn)
+            for role in (b"active_segment", b"compaction_segment"):
+                raw = txn.get(role, db=self._meta)
+                if raw is not None and int(raw) == sid:
+                    if role == b"active_segment":
+                        self._new_segment(txn, role)
+                    else:
+                        txn.delete(role, db=self._meta)  # a new one when compaction needs it
         self._write_txn(seal)
 
     def _segment_record(self, txn: lmdb.Transaction, sid: int) -> dict[str, Any]:

@@ -111,7 +111,8 @@ def test_kill9_of_the_server_during_background_prune_sweep_and_compaction(tmp_pa
         assert _sha_of(srv, f"vol@{v}") == expected[v]
     srv.stop()
     log = srv.log.read_text(errors="replace")
-    steps = {kind: len(re.findall(rf"\b{kind}\b", log)) for kind in ("pruned", "swept", "compacted")}
+    steps = {kind: len(re.findall(rf"\b{kind}\b", log))
+             for kind in ("pruned", "swept", "punched", "compacted")}
     # The kills fell among real upkeep work: each step ran many times across the 20 runs.
     assert all(n >= 5 for n in steps.values()), steps
     assert len(acknowledged) >= 3 * KILLS, f"only {len(acknowledged)} commits were made"
