@@ -9,6 +9,8 @@ ingest and reads go on meanwhile; a pass is bounded in time and the next one con
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -72,10 +74,25 @@ class Maintenance:
             self.log(f"compacted away segment(s) {', '.join(map(str, retired))}")
 
 
+BACKGROUND_NICE = 10
+"""Nice value of the upkeep thread: ingest and reads come first when the CPUs are busy."""
+
+
+def _run_in_background() -> None:
+    """Lower this thread's CPU priority (Linux: a thread's own nice value), so that what
+    the upkeep does outside the interpreter lock (LMDB commits, punching, copying) yields
+    to ingest and reads on a busy machine."""
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, max(current, BACKGROUND_NICE))
+
+
 def run_maintenance(store: Store, heads: Heads, stop: threading.Event,
                     log: Callable[[str], None] = lambda _m: None) -> None:
     """Passes of :class:`Maintenance` until ``stop`` is set (run it in a daemon thread)."""
     upkeep = Maintenance(store, heads, log)
+    _run_in_background()
     while not stop.is_set():
         # A commit wakes the upkeep at once (a policy may prune now), else every interval.
         heads.committed.wait(PASS_INTERVAL)
