@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from nbdsink.cli.common import add_store_argument, store_path
 from nbdsink.errors import NbdsinkError, UsageError
 from nbdsink.metrics import parse_address
 from nbdsink.server.access import AccessRules
-from nbdsink.store import Store
+from nbdsink.store import Store, structure
 from nbdsink.store.serve_lock import take_serve_lock
 from nbdsink.units import parse_size
 
@@ -154,9 +155,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--map-size", args.map_size)):
         if value is not None and parse_size(value) <= 0:
             raise UsageError(f"{flag} must be positive, not {value!r}")
+    # The main environment's LMDB pages are walked before anything opens it (damage there
+    # is then kept away from, or a store that cannot be read is refused, clearly); the
+    # segments, which only chunk reads need, are walked while the server runs.
+    if (Path(store) / "data.mdb").exists():
+        structure.save(Path(store), structure.check_store(Path(store), segments=False))
     # Open (and create) the store here first so that a bad store is a clear error now, not
     # a traceback in nbdkit's log later.
     Store(store, create=True).close()
+    threading.Thread(target=_check_segments, args=(Path(store),), daemon=True,
+                     name="nbdsink-structure").start()
     # Fail here, clearly, if another server holds the store (nbdkit takes it for good).
     os.close(take_serve_lock(store))
     if not args.listen:
@@ -168,6 +176,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = args.listen or args.socket or "/run/nbdsink.sock"
     print(f"nbdsink: serving {store} on {where}", file=sys.stderr, flush=True)
     return supervise(cmd, env)
+
+
+def _check_segments(store: Path) -> None:
+    """Walk every segment's pages and record what was found: the server reloads the record
+    and keeps reads away from any damage (see nbdsink.store.structure)."""
+    report = structure.save(store, structure.check_store(store, main=False))
+    for env in report.damaged:
+        print(f"nbdsink: structural damage in {env.file}: {'; '.join(env.lines()[:3])} "
+              "(see 'nbdsink verify')", file=sys.stderr, flush=True)
 
 
 STOP_GRACE_SECONDS = 5.0

@@ -300,8 +300,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"\rverify: {100 * done // total:3d}% ({what})   ", end="", file=sys.stderr,
                   flush=True)
 
-    with open_store(args) as store:
-        report = check.verify(store, volume, version, full=args.full, progress=progress)
+    # The walk of LMDB's pages comes before the store is opened: opening a damaged store
+    # could crash where the walk reports.
+    report = check.verify_store(store_path(args), volume, version, full=args.full,
+                                progress=progress)
     if show:
         print(file=sys.stderr)
     if args.json:

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 from nbdsink.errors import NbdsinkError
 from nbdsink.server.session import Heads
-from nbdsink.store import Store, reclaim
+from nbdsink.store import Store, check, reclaim
+from nbdsink.store.structure import StoreDamage
 
 PASS_INTERVAL = 5.0
 """Seconds between two passes."""
@@ -38,9 +39,26 @@ class Maintenance:
         self.heads = heads
         self.log = log
         self._pruned_at: dict[str, tuple[float, int]] = {}
+        self._read_only_logged = False
+        self._quarantined: StoreDamage | None = None
 
     def run_pass(self) -> None:
         store = self.store
+        # A structural check (``nbdsink verify``, or the one ``serve`` starts with) may have
+        # found damage since: reads keep away from it from now on. A damaged main
+        # environment is not written to, so there is nothing to do here.
+        damage = store.reload_damage()
+        if damage is not None and damage.read_only:
+            if not self._read_only_logged:
+                self.log(f"maintenance stopped: {damage.read_only}")
+                self._read_only_logged = True
+            return
+        self._read_only_logged = False
+        if damage is not None and damage is not self._quarantined:
+            marked = check.quarantine(store, damage.report)
+            self._quarantined = damage
+            self.log(f"structural damage in {', '.join(f.name for f in damage.report.damaged)}"
+                     f": {marked} chunk(s) quarantined (see 'nbdsink verify')")
         reclaim.finish_pruning(store)
         reclaim.finish_deletions(store)
         now = time.monotonic()

@@ -159,7 +159,14 @@ class Session:
         self.digests = self.name.view == DIGESTS_VIEW
         self.scratch: ScratchOverlay | None = None
         self._heads = heads
-        if self.name.kind == "head":
+        damage = store.damage
+        if self.name.kind == "head" and damage is not None and damage.read_only:
+            # A store whose main environment is damaged takes no writes (see
+            # nbdsink.store.structure): its head is served read-only, as saved so far.
+            self.version = store.read(
+                lambda r: store.pending_counters(r.txn, self.volume)).version
+            self.readonly = True
+        elif self.name.kind == "head":
             self.head = heads.get(self.volume)
             self.readonly = readonly or self.digests
         else:
@@ -222,7 +229,9 @@ class Session:
                     f"{CONTRACT_VERSION})")
         if self.version_info is not None:
             return _version_description(self.version_info)
-        assert self.head is not None
+        if self.head is None:
+            return (f"{self.volume.name}: head, read-only: the store is damaged (see 'nbdsink "
+                    "verify')")
         return _head_description(self.volume, self.head.pending_version)
 
     # -- data path ------------------------------------------------------------------------------

@@ -14,17 +14,22 @@ source heals it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import blake3
 
-from nbdsink.store import keys
+from nbdsink.store import keys, structure
 from nbdsink.store.chunks import HEADER_SIZE
-from nbdsink.store.errors import StoreError
+from nbdsink.store.errors import StoreError, StoreFormatError
+from nbdsink.store.lmdb_pages import MAIN_DB
+from nbdsink.store.lmdb_pages import Damage as PageDamage
 from nbdsink.store.store import (
     FLAG_DAMAGED,
     FLAG_NO_CHECKSUM,
@@ -34,6 +39,7 @@ from nbdsink.store.store import (
     VolumeInfo,
     _data_check,
 )
+from nbdsink.store.structure import StoreDamaged
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
@@ -62,10 +68,14 @@ class VerifyReport:
     full: bool = False
     damaged: list[Damage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    structure: structure.StructureReport | None = None
+    """The walk of LMDB's own pages (None: not done, e.g. by an in-process caller)."""
+    structural: list[dict[str, Any]] = field(default_factory=list)
+    """Per damaged environment: what is damaged, and what that makes unreadable."""
 
     @property
     def clean(self) -> bool:
-        return not self.damaged and not self.problems
+        return not self.damaged and not self.problems and not self.structural
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,17 +84,95 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
             "damaged_chunks": [d.to_json() for d in self.damaged],
             "problems": self.problems,
+            "structure": {
+                "environments": self.structure.environments if self.structure else 0,
+                "pages": self.structure.pages if self.structure else 0,
+                "damaged": self.structural,
+            },
         }
 
 
-def verify(store: Store, volume: str | None = None, version: int | None = None,
-           full: bool = False, progress: Progress | None = None) -> VerifyReport:
-    """Check the store (or one volume, or one version's chunks); see the module docstring."""
-    started = time.monotonic()
-    report = VerifyReport(full=full)
-    volumes = [store.volume(volume)] if volume else store.volumes()
-    report.volumes = len(volumes)
+def verify_store(path: str | Path, volume: str | None = None, version: int | None = None,
+                 full: bool = False, progress: Progress | None = None) -> VerifyReport:
+    """``nbdsink verify``: walk LMDB's pages of every environment first (without LMDB, so
+    that damage there is reported, never a crash), record what was found for servers, then
+    open the store, kept away from that damage, and :func:`verify` it."""
+    path = Path(path)
+    if not (path / "data.mdb").exists():
+        raise StoreFormatError(f"no nbdsink store at {path}")
+    found = structure.save(path, structure.check_store(path))
+    try:
+        store = Store(path)
+    except StoreFormatError as exc:
+        report = VerifyReport(full=full, structure=found)
+        report.problems.append(str(exc))
+        _structural(None, found, report, {})
+        return report
+    with store:
+        return verify(store, volume, version, full, progress, walk=found)
+
+
+def quarantine(store: Store, walk: structure.StructureReport) -> int:
+    """Act on a segment's structural damage found by ``walk`` (the server does this when a
+    check found some): mark the chunks whose lookups could reach it damaged (reads give
+    EIO without looking; the same content written again replaces them: healing), and seal
+    a damaged segment that was taking new chunks. Needs a writable main environment.
+    Returns how many chunks were marked."""
     suspects: dict[bytes, str] = {}
+    for env in walk.damaged:
+        if env.segment is None:
+            continue
+        whole = bool(env.problems) or any(d.db == MAIN_DB for d in env.damage)
+        for d in [None] if whole else [d for d in env.damage
+                                       if d.db in ("chunks", "tails") and not d.header_only]:
+            _segment_suspects(store, env.segment, d, suspects)
+        _seal_if_active(store, env.segment)
+    return sum(store.mark_damaged(d) for d in suspects)
+
+
+def _seal_if_active(store: Store, sid: int) -> None:
+    """A damaged segment takes no more chunks (LMDB would write through its damaged pages)."""
+    with store.segments.write_lock, store.segments.compaction_lock:
+        store._seal(sid)
+
+
+def pinner(store: Store) -> structure.Pinner:
+    """Pins snapshots through the store's own environments (for walks in its process)."""
+    @contextlib.contextmanager
+    def pin(sid: int | None) -> Iterator[int | None]:
+        if sid is None:
+            with store.env.begin() as txn:
+                yield int(txn.id())
+            return
+        seg = store.segments.acquire(sid)
+        try:
+            with seg.env.begin() as txn:
+                yield int(txn.id())
+        finally:
+            store.segments.release(seg)
+    return pin
+
+
+def verify(store: Store, volume: str | None = None, version: int | None = None,
+           full: bool = False, progress: Progress | None = None,
+           walk: structure.StructureReport | None = None) -> VerifyReport:
+    """Check the store (or one volume, or one version's chunks); see the module docstring.
+
+    ``walk``: the walk of LMDB's pages done before the store was opened
+    (:func:`verify_store`). Its damage is kept away from (what it makes unreadable is
+    reported, and is not looked up), so nothing here reads a damaged page."""
+    started = time.monotonic()
+    report = VerifyReport(full=full, structure=walk)
+    suspects: dict[bytes, str] = {}
+    if walk is not None:
+        store.reload_damage(walk)
+        _structural(store, walk, report, suspects)
+    try:
+        volumes = [store.volume(volume)] if volume else store.volumes()
+    except StoreError as exc:
+        report.problems.append(f"volumes: {exc}")
+        volumes = []
+    report.volumes = len(volumes)
     wanted: set[bytes] | None = None
     for v in volumes:
         try:
@@ -95,19 +183,164 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
                 report.versions += 1
         except StoreError as exc:
             report.problems.append(f"volume {v.name}: {exc}")
-        digests = store.read(functools.partial(_map_digests, store, volume=v, version=version,
-                                               report=report, suspects=suspects))
+        try:
+            digests = store.read(functools.partial(_map_digests, store, volume=v,
+                                                   version=version, report=report,
+                                                   suspects=suspects))
+        except StoreError as exc:
+            report.problems.append(f"volume {v.name}: map not fully read: {exc}")
+            digests = set()
         wanted = digests if wanted is None else wanted | digests
     if volume is None:
         wanted = None  # the whole store: every indexed chunk
-    _check_chunks(store, wanted, full, report, suspects, progress)
+    try:
+        _check_chunks(store, wanted, full, report, suspects, progress)
+    except StoreError as exc:
+        report.problems.append(f"chunk index not fully read: {exc}")
     for digest, problem in suspects.items():
-        store.mark_damaged(digest)
+        # Quarantined, so reads give EIO without looking (a store whose main environment
+        # is damaged is read-only: those chunks' lookups are refused by the guard instead).
+        with contextlib.suppress(StoreError):
+            store.mark_damaged(digest)
         report.damaged.append(Damage(digest.hex(), problem))
     if report.damaged:
-        _who_uses(store, report)
+        try:
+            _who_uses(store, report)
+        except StoreError as exc:
+            report.problems.append(f"users of the damaged chunks not all found: {exc}")
     report.seconds = time.monotonic() - started
     return report
+
+
+_MEANING = {
+    "map": "which chunk each block of each version holds",
+    "versions": "the records of committed versions",
+    "volumes": "the records of volumes",
+    "index": "where each chunk is, and its checksum",
+    "changes": "which blocks each version changed (pruning)",
+    "refs": "chunk reference counts (garbage collection)",
+    "garbage": "unreferenced chunks (garbage collection)",
+    "seg_chunks": "which chunks each segment holds (compaction)",
+    "segments": "segment states (compaction)",
+    "pins": "pinned versions", "pending": "the pending version's counters",
+    "pruning": "prunes in progress", "meta": "the store's header and counters",
+    "holes": "punched-out space of segments",
+    "chunks": "chunk data", "tails": "the last bytes of split chunks",
+    "chunk_tails": "the last bytes of format-2 chunks",
+}
+"""What each database holds: the report says what its damage puts in doubt."""
+
+
+def _structural(store: Store | None, found: structure.StructureReport, report: VerifyReport,
+                suspects: dict[bytes, str]) -> None:
+    """Report each structurally damaged environment, and what it makes unreadable: volumes'
+    blocks and versions for the main environment's map and versions, chunks (quarantined,
+    with their users, like any damaged chunk) for a segment or the index."""
+    names = {}
+    if store is not None:
+        with contextlib.suppress(StoreError):
+            names = {v.id: v for v in store.volumes()}
+    for env in found.damaged:
+        entry: dict[str, Any] = {"environment": env.name, "file": env.file,
+                                 "problems": env.lines(), "unreadable": []}
+        report.structural.append(entry)
+        if env.segment is not None and store is not None:
+            with contextlib.suppress(StoreError):  # a read-only store: the guard serves
+                _seal_if_active(store, env.segment)
+        if env.problems or any(d.db == MAIN_DB for d in env.damage):
+            entry["unreadable"].append(
+                "everything in it" if env.segment is None else
+                f"every chunk of segment {env.segment}")
+            if env.segment is not None and store is not None:
+                _segment_suspects(store, env.segment, None, suspects)
+            continue
+        for d in env.damage:
+            if env.segment is not None:
+                if store is not None and d.db in ("chunks", "tails") and not d.header_only:
+                    _segment_suspects(store, env.segment, d, suspects)
+                continue
+            what = _MEANING.get(d.db, "")
+            if d.db == "map":
+                entry["unreadable"].extend(_map_span(d, names))
+            elif d.db in ("versions", "pins", "pruning"):
+                entry["unreadable"].extend(_version_span(d, names))
+            elif d.db == "index":
+                entry["unreadable"].append(f"chunks {_span(d)} (their index entries)")
+                if store is not None:
+                    _index_suspects(store, d, suspects)
+            elif d.db != "(free pages)":
+                entry["unreadable"].append(f"database {d.db} ({what}), keys {_span(d)}")
+        if env.segment is None:
+            entry["unreadable"].append("no writes: the store is read-only until restored")
+
+
+def _span(d: PageDamage) -> str:
+    lo, hi = d.guard_low, d.guard_high
+    return f"{lo.hex() if lo else '(first)'}..{hi.hex() if hi else '(last)'}"
+
+
+def _map_span(d: PageDamage, names: dict[int, VolumeInfo]) -> list[str]:
+    """The blocks (of which volumes) whose lookups reach the damaged map page."""
+    lo = keys.unpack_map_key(d.guard_low) if d.guard_low and len(d.guard_low) == 20 else None
+    hi = keys.unpack_map_key(d.guard_high) if d.guard_high and len(d.guard_high) == 20 else None
+    out = []
+    for vid, vol in sorted(names.items()):
+        if (lo and vid < lo[0]) or (hi and vid > hi[0]):
+            continue
+        first = lo[1] if lo and vid == lo[0] else 0
+        last = hi[1] if hi and vid == hi[0] else vol.blocks - 1
+        out.append(f"volume {vol.name}: blocks {first}..{last} (offsets {first * vol.block_size}"
+                   f"..{(last + 1) * vol.block_size - 1}), any version")
+    return out or [f"map keys {_span(d)}"]
+
+
+def _version_span(d: PageDamage, names: dict[int, VolumeInfo]) -> list[str]:
+    def unpack(k: bytes | None) -> tuple[int, int] | None:
+        return keys.unpack_version_key(k) if k and len(k) == 12 else None
+    lo, hi = unpack(d.guard_low), unpack(d.guard_high)
+    out = []
+    for vid, vol in sorted(names.items()):
+        if (lo and vid < lo[0]) or (hi and vid > hi[0]):
+            continue
+        first = lo[1] if lo and vid == lo[0] else 1
+        last = f"{hi[1]}" if hi and vid == hi[0] else "(newest)"
+        out.append(f"volume {vol.name}: {d.db} records of versions {first}..{last}")
+    return out or [f"{d.db} keys {_span(d)}"]
+
+
+def _segment_suspects(store: Store, sid: int, d: PageDamage | None,
+                      suspects: dict[bytes, str]) -> None:
+    """The chunks of segment ``sid`` whose lookups could reach damage ``d`` (None: all)."""
+    prefix = struct.pack(">I", sid)
+    why = (f"segment {sid} is structurally damaged" if d is None else
+           f"a page of segment {sid} its lookup reaches is damaged ({d.db}: {d.problem})")
+
+    def scan(r: Reading) -> list[bytes]:
+        cur = r.txn.cursor(db=store._seg_chunks)
+        out = []
+        if cur.set_range(prefix):
+            for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
+                if k[:4] != prefix:
+                    break
+                if d is None or d.guards(k[4:]):
+                    out.append(k[4:])
+        return out
+    try:
+        for digest in store.read(scan):
+            suspects.setdefault(digest, why)
+    except StoreError:
+        pass  # seg_chunks itself is damaged: the structural report says so
+
+
+def _index_suspects(store: Store, d: PageDamage, suspects: dict[bytes, str]) -> None:
+    """The chunks the map uses whose index entries lie behind damage ``d``."""
+    def scan(r: Reading) -> set[bytes]:
+        return {bytes(v) for _, v in _scan(r, store._map)
+                if len(v) == 32 and d.guards(bytes(v))}
+    with contextlib.suppress(StoreError):
+        for digest in store.read(scan):
+            suspects.setdefault(digest, f"its index entry is on a damaged page ({d.problem})")
 
 
 def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int | None,
@@ -118,23 +351,50 @@ def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int |
         block = 0
         while block < volume.blocks:
             n = min(65536, volume.blocks - block)
-            out.update(d for d in store.block_digests(r, volume, version, block, n) if d)
+            try:
+                out.update(d for d in store.block_digests(r, volume, version, block, n) if d)
+            except StoreDamaged:
+                # Block by block, leaving out those whose lookup reaches known damage
+                # (the structural report names them).
+                for b in range(block, block + n):
+                    with contextlib.suppress(StoreDamaged):
+                        out.update(d for d in store.block_digests(r, volume, version, b, 1)
+                                   if d)
             block += n
         report.map_entries += len(out)
     else:
-        cur = r.txn.cursor(db=store._map)
         prefix = keys.volume_id_key(volume.id)
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if bytes(k)[:4] != prefix:
-                    break
-                report.map_entries += 1
-                if len(v):
-                    out.add(bytes(v))
+        for k, v in _scan(r, store._map, prefix):
+            if k[:4] != prefix:
+                break
+            report.map_entries += 1
+            if len(v):
+                out.add(bytes(v))
     for d in out:
-        if store.locate(r, d) is None:
-            suspects[d] = "missing: a version uses it but the store has no such chunk"
+        try:
+            if store.locate(r, d) is None:
+                suspects[d] = "missing: a version uses it but the store has no such chunk"
+        except StoreDamaged as exc:
+            suspects.setdefault(d, f"its index entry cannot be read: {exc}")
     return out
+
+
+def _scan(r: Reading, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
+    """Every record of ``db`` (from ``start`` on), leaving out the keys whose lookups could
+    reach known structural damage: the scan resumes past each one's guarded range."""
+    cur = r.txn.cursor(db=db)
+    at = start
+    while True:
+        try:
+            found = cur.set_range(at) if at is not None else cur.first()
+            while found:
+                yield bytes(cur.key()), cur.value()
+                found = cur.next()
+            return
+        except StoreDamaged as exc:
+            if exc.damage is None or exc.damage.guard_high is None:
+                return
+            at = exc.damage.guard_high
 
 
 def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: VerifyReport,
@@ -142,7 +402,7 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
     def listing(r: Reading) -> list[tuple[bytes, Location]]:
         if wanted is not None:
             return [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
-        return [(bytes(d), Location.decode(raw)) for d, raw in r.txn.cursor(db=store._index)]
+        return [(d, Location.decode(raw)) for d, raw in _scan(r, store._index)]
     chunks = store.read(listing)
     total = sum(loc.length for _, loc in chunks) if full else len(chunks)
     done = 0
@@ -200,7 +460,7 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
     names = {v.id: v for v in store.volumes()}
 
     def scan(r: Reading) -> None:
-        for k, v in r.txn.cursor(db=store._map):
+        for k, v in _scan(r, store._map):
             d = damaged.get(bytes(v)) if len(v) else None
             if d is None:
                 continue
@@ -218,7 +478,10 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
             vol = by_name[use["volume"]]
             # The entry is what every version from its own up to the block's next entry
             # shows: does the newest version show it?
-            nxt = store.read(functools.partial(_next_entry, store, vol=vol, use=use))
+            try:
+                nxt = store.read(functools.partial(_next_entry, store, vol=vol, use=use))
+            except StoreDamaged:
+                continue  # the block's other entries lie behind known damage
             if nxt is None or nxt > latest[vol.name]:
                 d.heal_from_source = True
             use["to_version"] = (nxt - 1) if nxt is not None else latest[vol.name]
@@ -250,5 +513,13 @@ def report_text(report: VerifyReport) -> str:
                      "  not in any volume's newest version: heals only if that content is "
                      "written again")
     lines.extend(f"problem: {p}" for p in report.problems)
+    for env in report.structural:
+        lines.append(f"structural damage in the {env['environment']} environment "
+                     f"({env['file']}):")
+        lines.extend(f"  {p}" for p in env["problems"])
+        lines.extend(f"  unreadable: {u}" for u in env["unreadable"])
+    if report.structure is not None:
+        lines.append(f"LMDB pages: {report.structure.pages} walked in "
+                     f"{report.structure.environments} environment(s)")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import lmdb
 
 from nbdsink.store.chunks import FORMAT_SPLIT, HEADER_SIZE, check_header, split_point
 from nbdsink.store.errors import StoreError, StoreFormatError
+from nbdsink.store.lmdb_pages import EnvUnreadable, check_file_covers
 from nbdsink.store.writeback import WritebackKicker
 
 SEGMENT_DIR = "segments"
@@ -55,6 +56,14 @@ class Segment:
         self.path = path
         if not create and not path.exists():
             raise SegmentGone(f"segment {sid} is gone")
+        try:
+            # LMDB maps the whole map size: a tree page past the end of a truncated file
+            # would be a SIGBUS in the reader that follows a pointer to it. Refused here, the
+            # segment's chunks are EIO and everything else is served.
+            if path.exists() and path.stat().st_size:
+                check_file_covers(path)
+        except (EnvUnreadable, OSError) as exc:
+            raise StoreError(f"cannot open segment {path}: {exc}") from None
         try:
             self.env = lmdb.open(str(path), map_size=map_size, max_dbs=2, subdir=False,
                                  create=create, metasync=False, sync=True, max_readers=512,
@@ -116,6 +125,9 @@ class SegmentSet:
         """Held while new chunks are written to the active segment."""
         self.compaction_lock = threading.Lock()
         """Held while a compaction writes moved chunks to its own segment."""
+        self.guard: Callable[[int, bytes], None] | None = None
+        """Raises for a chunk whose lookup could reach a damaged page of its segment (set by
+        the store while it knows of such damage; see structure.py)."""
 
     def path(self, sid: int) -> Path:
         return self.dir / f"{sid:08d}.mdb"
@@ -260,6 +272,8 @@ class SegmentReader:
 
     def get(self, sid: int, digest: bytes) -> tuple[memoryview | None, memoryview | None]:
         """(stored value, tail) of ``digest`` in segment ``sid``; valid until :meth:`close`."""
+        if self.segments.guard is not None:
+            self.segments.guard(sid, digest)
         entry = self._txns.get(sid)
         if entry is None:
             seg = self.segments.acquire(sid)

@@ -63,13 +63,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lmdb
 import xxhash
 
 from nbdsink.store import keys
-from nbdsink.store.chunks import HEADER_SIZE, check_header
+from nbdsink.store.chunks import DIGEST_SIZE, HEADER_SIZE, check_header
 from nbdsink.store.errors import (
     StoreError,
     StoreFormatError,
@@ -79,6 +79,7 @@ from nbdsink.store.errors import (
     UnknownVolume,
     VolumeExists,
 )
+from nbdsink.store.lmdb_pages import EnvUnreadable, check_file_covers
 from nbdsink.store.segments import (
     DEFAULT_SEGMENT_BYTES,
     FULL_MARGIN,
@@ -88,6 +89,16 @@ from nbdsink.store.segments import (
     copy_stored,
     disk_free,
 )
+from nbdsink.store.structure import (
+    GuardedTxn,
+    StoreDamage,
+    StoreDamaged,
+    StoreReadOnly,
+    StructureReport,
+    db_names,
+    record_mtime,
+)
+from nbdsink.store.structure import load as load_structure
 from nbdsink.store.writeback import WritebackKicker
 
 STORE_FORMAT = 3
@@ -148,6 +159,8 @@ class Location:
 
     @classmethod
     def decode(cls, raw: bytes | memoryview) -> Location:
+        if len(raw) != _INDEX.size:
+            raise StoreDamaged(f"an index entry of {len(raw)} bytes (damaged page)")
         segment, length, check, flags = _INDEX.unpack(raw)
         return cls(segment, length, check, flags)
 
@@ -326,6 +339,13 @@ class Store:
             raise StoreFormatError(
                 f"no nbdsink store at {self.path} (create one with 'nbdsink volume create')"
             )
+        # Known damage to LMDB's pages (recorded by the last structural check), kept away
+        # from; and a truncated file refused here rather than met as SIGBUS by a reader.
+        self._damage: StoreDamage | None = None
+        self._damage_mtime = 0.0
+        self._db_names: dict[int, str] = {}
+        if exists:
+            self._open_checks()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(
@@ -350,9 +370,12 @@ class Store:
         self._changes = self.env.open_db(b"changes")
         self._pruning = self.env.open_db(b"pruning")
         self._holes = self.env.open_db(b"holes")
+        self._db_names = db_names(self)
         self._page_size = int(self.env.stat()["psize"])
         self._writeback = WritebackKicker(self.path / "data.mdb")
         self.segments = SegmentSet(self.path)
+        if self._damage is not None and self._damage.segments:
+            self.segments.guard = self._damage.check_segment
         self._check_format(create, segment_bytes)
         self.segments.segment_bytes = self._segment_bytes()
         self._forget_retired_files()
@@ -477,6 +500,41 @@ class Store:
             if states.get(sid) == "retired":
                 self.segments.retire(sid)
 
+    def _open_checks(self) -> None:
+        """Before LMDB maps the main environment: refuse a truncated file, and load the
+        recorded structural damage (a store whose main environment is unreadable is
+        refused; see :mod:`nbdsink.store.structure`)."""
+        try:
+            check_file_covers(self.path / "data.mdb")
+        except (EnvUnreadable, OSError) as exc:
+            raise StoreFormatError(f"cannot open store at {self.path}: {exc}") from None
+        self.reload_damage()
+        if self._damage is not None and self._damage.unreadable:
+            raise StoreFormatError(
+                f"store at {self.path} is structurally damaged: {self._damage.unreadable} "
+                "(see 'nbdsink verify'; restore the store or replicate into a new one)")
+
+    def reload_damage(self, report: StructureReport | None = None) -> StoreDamage | None:
+        """Take the structural damage of ``report`` (or of the store's record, when it
+        changed since the last call) as what reads keep away from; None when there is none.
+        Cheap when nothing changed (one ``stat``): the server calls it every pass."""
+        if report is None:
+            mtime = record_mtime(self.path)
+            if mtime == self._damage_mtime:
+                return self._damage
+            self._damage_mtime = mtime
+            report = load_structure(self.path)
+        damage = StoreDamage(report) if report is not None and not report.clean else None
+        self._damage = damage
+        if hasattr(self, "segments"):
+            self.segments.guard = damage.check_segment if damage and damage.segments else None
+        return damage
+
+    @property
+    def damage(self) -> StoreDamage | None:
+        """Known structural damage (see :meth:`reload_damage`)."""
+        return self._damage
+
     def close(self) -> None:
         with self._write_lock, self._guard.exclusive():
             self._writeback.close()
@@ -509,6 +567,8 @@ class Store:
         return self._write_txn(fn)
 
     def _write_txn(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        if self._damage is not None and self._damage.read_only:
+            raise StoreReadOnly(self._damage.read_only)
         with self._write_lock:
             while True:
                 try:
@@ -541,16 +601,36 @@ class Store:
             self._guard.enter()
             segments = SegmentReader(self.segments)
             try:
-                with self.env.begin(buffers=True) as txn:
-                    return fn(Reading(txn, segments))
+                return self._read_once(fn, segments)
             except lmdb.MapResizedError:
                 pass
             except SegmentGone:
                 continue
+            except (StoreError, lmdb.Error) as exc:
+                # py-lmdb keeps a read transaction's reader slot until the object is freed,
+                # and the frames of this exception's traceback hold this read's transactions.
+                # An exception kept in a reference cycle (the plugin's error path makes one)
+                # would hold them until the next garbage collection: a few hundred failed
+                # reads filled LMDB's reader table (MDB_READERS_FULL for every later read).
+                # The traceback below this frame goes; the error stays.
+                exc.with_traceback(None)
+                if isinstance(exc, StoreError):
+                    raise
+                # LMDB met a damaged page and said so (MDB_CORRUPTED, MDB_PAGE_NOTFOUND ...):
+                # an error for this read (EIO), not for the process.
+                raise _read_error(exc) from None
             finally:
                 segments.close()
                 self._guard.leave()
             self._adopt_map_size()
+
+    def _read_once(self, fn: Callable[[Reading], T], segments: SegmentReader) -> T:
+        with self.env.begin(buffers=True) as txn:
+            if self._damage is not None and self._damage.main:
+                # Only a damaged store pays for the guard (see structure.py).
+                return fn(Reading(cast(lmdb.Transaction, GuardedTxn(
+                    txn, self._damage.main, self._db_names)), segments))
+            return fn(Reading(txn, segments))
 
     def oldest_reader(self) -> int | None:
         """The oldest snapshot (transaction id) a read transaction of any process is still
@@ -807,14 +887,23 @@ class Store:
             key = keys.map_key(vid, block, version)
             if not cur.set_range(key):
                 break
-            found = cur.key()
+            found = bytes(cur.key())
+            if found < key or len(found) != keys.MAP_KEY_SIZE:
+                # LMDB never returns a smaller key from set_range, nor one of another size
+                # from this database, unless a damaged page led it astray: taking it would
+                # serve a newer version's block, or walk backwards for ever.
+                raise StoreDamaged(f"map of volume {volume.name!r}: a lookup of block {block} "
+                                   f"found key {found.hex()} (damaged page; see 'nbdsink verify')")
             if found[:prefix_size] == key[:prefix_size]:
                 # The newest entry for this block at or below `version`.
                 value = cur.value()
+                if len(value) not in (0, DIGEST_SIZE):
+                    raise StoreDamaged(f"map of volume {volume.name!r}: block {block} has a "
+                                       f"{len(value)}-byte entry (damaged page)")
                 out.append(bytes(value) if len(value) else None)
                 block += 1
                 continue
-            key_vid, key_block, _ = keys.unpack_map_key(bytes(found))
+            key_vid, key_block, _ = keys.unpack_map_key(found)
             if key_vid != vid:
                 break
             # Blocks block..key_block-1 have no entry at or below `version`. The next turn
@@ -857,6 +946,10 @@ class Store:
             stored, tail = r.segments.get(loc.segment, digest)
         if stored is None:
             raise ChunkDamaged(f"chunk {digest.hex()} is missing from segment {loc.segment}")
+        if len(stored) > HEADER_SIZE + loc.length:
+            # A damaged node's size: reading that much could run past the file (SIGBUS).
+            raise ChunkDamaged(f"chunk {digest.hex()} in segment {loc.segment} has a stored "
+                               f"size of {len(stored)} bytes for {loc.length}: damaged page")
         if not loc.flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != loc.check:
             raise ChunkDamaged(f"chunk {digest.hex()} in segment {loc.segment} fails its "
                                "checksum: damaged on disk")
@@ -1191,6 +1284,19 @@ def _version_from(volume: str, raw: bytes, pin: bytes | None = None) -> VersionI
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise StoreFormatError(f"a version record of volume {volume!r} is damaged ({exc})") from None
+
+
+_DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadValsizeError,
+                  lmdb.InvalidError, lmdb.BadTxnError, lmdb.BadDbiError)
+"""What LMDB answers when a page it reads is damaged (a transaction that met one is
+unusable after: BadTxnError)."""
+
+
+def _read_error(exc: lmdb.Error) -> StoreError:
+    """The store's error for an LMDB error met by a read."""
+    if isinstance(exc, _DAMAGE_ERRORS):
+        return StoreDamaged(f"LMDB: {exc} (a damaged page; see 'nbdsink verify')")
+    return StoreError(f"LMDB error: {exc}")
 
 
 def _translate(exc: lmdb.Error, where: Path) -> StoreError:
