@@ -521,5 +521,9 @@ def report_text(report: VerifyReport) -> str:
     if report.structure is not None:
         lines.append(f"LMDB pages: {report.structure.pages} walked in "
                      f"{report.structure.environments} environment(s)")
+        # LMDB accounts for every page (measured, kill -9 included): a page neither in use
+        # nor free is lost space, a sign that a pointer to it was damaged.
+        lines.extend(f"note: {f.leaked_pages} page(s) of {f.name} are neither in use nor "
+                     "free (space lost)" for f in report.structure.findings if f.leaked_pages)
     return "\n".join(lines)
 
