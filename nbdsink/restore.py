@@ -38,6 +38,7 @@ from nbdsink.errors import NbdsinkError, UsageError
 from nbdsink.nbd import TLSConfig
 from nbdsink.sender.remote import block_size_from_description, with_export
 from nbdsink.store import Store, VolumeInfo
+from nbdsink.store.diff import candidate_blocks
 from nbdsink.store.head import read_into
 from nbdsink.store.store import Reading
 
@@ -98,6 +99,8 @@ class LocalSource(Source):
         self.size = self.volume.size
         self.block_size = self.volume.block_size
         self.assumed = resolve_version(store, assume) if assume else None
+        self._candidates: set[int] | None = None
+        self._candidates_known = False
 
     async def digests(self, first: int, count: int) -> bytes:
         return await trio.to_thread.run_sync(self._digests, self.volume, self.version, first, count)
@@ -116,11 +119,23 @@ class LocalSource(Source):
 
     async def changed_blocks(self, first: int, count: int) -> list[int]:
         """With --assume: the blocks whose map digests differ between the assumed version and
-        the source version, from the store's maps alone (no chunk is read)."""
+        the source version, from the store's maps alone (no chunk is read). Where the
+        change lists tell which blocks may differ (the same volume, or a clone against its
+        base), only those are compared; else every block's digests are."""
         assert self.assumed is not None
         vol, version = self.assumed
+        if not self._candidates_known:
+            self._candidates = await trio.to_thread.run_sync(self.store.read, lambda r: (
+                candidate_blocks(self.store, r, self.volume, self.version, vol, version)))
+            self._candidates_known = True
+        candidates = self._candidates
+        end = first + count
 
         def compare(r: Reading) -> list[int]:
+            if candidates is not None:
+                return [b for b in sorted(b for b in candidates if first <= b < end)
+                        if self.store.block_digests(r, self.volume, self.version, b, 1)
+                        != self.store.block_digests(r, vol, version, b, 1)]
             mine = self.store.block_digests(r, self.volume, self.version, first, count)
             theirs = self.store.block_digests(r, vol, version, first, count)
             return [first + i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b]
