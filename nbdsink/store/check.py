@@ -472,8 +472,11 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
                            "offset": block * vol.block_size, "from_version": version})
     store.read(scan)
     latest = {v.name: store.latest_version(v) for v in names.values()}
+    oldest = {v.name: min((i.version for i in store.versions(v)), default=0)
+              for v in names.values()}
     by_name = {v.name: v for v in names.values()}
     for d in report.damaged:
+        uses = []
         for use in d.uses:
             vol = by_name[use["volume"]]
             # The entry is what every version from its own up to the block's next entry
@@ -481,10 +484,18 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
             try:
                 nxt = store.read(functools.partial(_next_entry, store, vol=vol, use=use))
             except StoreDamaged:
+                uses.append(use)
                 continue  # the block's other entries lie behind known damage
+            use["to_version"] = (nxt - 1) if nxt is not None else latest[vol.name]
+            if use["to_version"] < oldest[vol.name]:
+                continue  # shown by no version that is left
+            # The oldest version keeps its entries under the numbers of the pruned versions
+            # they were written in: name the versions that exist.
+            use["from_version"] = max(use["from_version"], oldest[vol.name])
             if nxt is None or nxt > latest[vol.name]:
                 d.heal_from_source = True
-            use["to_version"] = (nxt - 1) if nxt is not None else latest[vol.name]
+            uses.append(use)
+        d.uses = uses
 
 
 def _next_entry(store: Store, r: Reading, *, vol: VolumeInfo, use: dict[str, Any]) -> int | None:

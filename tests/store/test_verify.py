@@ -91,6 +91,30 @@ def test_flipped_bytes_are_found_and_never_served(written: tuple[Path, dict[int,
     store.close()
 
 
+def test_damage_under_a_pruned_oldest_version_names_the_versions_left(
+        written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    """Pruning the oldest version leaves its entries under its own number (the next version
+    reads them): a report names the versions that exist, and skips an entry no version
+    shows any more."""
+    from nbdsink.store import reclaim
+    from nbdsink.store.chunks import digest
+    from nbdsink.store.retention import Policy
+
+    path, images, blocks = written
+    store = Store(path)
+    assert reclaim.prune(store, store.volume("vol"), Policy(keep_last=1)).pruned == [1]
+    store.close()
+    _flip_chunk(path, digest(blocks[7]))  # read by version 2 from version 1's entry
+    _flip_chunk(path, digest(blocks[3]))  # version 1's block 3: no version shows it now
+    store = Store(path)
+    report = check.verify(store, full=True)
+    uses = {d.digest: [(u["volume"], u["block"], u["from_version"], u["to_version"])
+                       for u in d.uses] for d in report.damaged}
+    assert uses == {digest(blocks[7]).hex(): [("vol", 7, 2, 2)], digest(blocks[3]).hex(): []}
+    assert _read(store, "vol@2", 8 * BS, SIZE - 8 * BS) == images[2][8 * BS :]
+    store.close()
+
+
 def test_a_split_chunks_tail(written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
     path, images, blocks = written
     from nbdsink.store.chunks import digest
