@@ -203,7 +203,7 @@ class Replicator:
                 await self._session()
                 return
             except TRANSIENT as exc:
-                self._record_error(exc)
+                await self._record_error(exc)
                 if self.options.once:
                     raise
                 delay = self.backoff.next()
@@ -218,7 +218,9 @@ class Replicator:
             async with open_remote(opts.uri, opts.tls, window=opts.window,
                                    device_size=device.size,
                                    timeout=opts.io_timeout or None) as remote:
-                state = self._state_for(device, remote, backend)
+                # A worker thread: it fsyncs the state (the event loop keeps answering).
+                state = await trio.to_thread.run_sync(
+                    self._state_for, device, remote, backend)
                 state.tracker = backend
                 tracker, full = await self._tracker(remote, state)
                 self.tracker_now = tracker
@@ -339,7 +341,7 @@ class Replicator:
                 full = True
                 continue
             except CYCLE_RETRYABLE as exc:
-                self._record_error(exc)
+                await self._record_error(exc)
                 if opts.once:
                     raise
                 log.warning("cycle failed: %s; next attempt in %s", exc,
@@ -401,8 +403,12 @@ class Replicator:
         )
         state.last_error = None
 
-    def _record_error(self, exc: BaseException) -> None:
+    async def _record_error(self, exc: BaseException) -> None:
         metrics.REPLICATE_ERRORS.inc()
+        # A worker thread: the save fsyncs, and the event loop has signals to answer.
+        await trio.to_thread.run_sync(self._save_error, exc)
+
+    def _save_error(self, exc: BaseException) -> None:
         try:
             state = self.state_dir.load()
             if state is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from nbdsink.sender.state import StateDir
 
 from .helpers import loop_device, make_image, run
 from .proxy import Proxy
-from .rig import Sender, nbdsink, server, stop_tracker
+from .rig import REPO, Sender, nbdsink, server, stop_tracker
 
 pytestmark = pytest.mark.root
 
@@ -215,3 +216,49 @@ def test_replicate_metrics(tmp_path: Path) -> None:
     assert values["nbdsink_replicate_cycle_seconds_count"] >= 2
     assert 0 <= values["nbdsink_replicate_lag_seconds"] < 60
     assert values["nbdsink_replicate_errors_total"] == 0
+
+
+# ``nbdsink`` with every fsync checked: one made on the event loop's thread (where trio's
+# current task exists) is reported on stderr, with where it came from.
+FSYNC_WATCH = """
+import os, sys, traceback
+import trio
+real_fsync = os.fsync
+def watched(fd):
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return real_fsync(fd)  # a worker thread, or no event loop at all: fine
+    sys.stderr.write("FSYNC ON THE EVENT LOOP\\n" + "".join(traceback.format_stack()))
+    return real_fsync(fd)
+os.fsync = watched
+from nbdsink.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_state_saves_never_block_the_event_loop(tmp_path: Path) -> None:
+    """Saving the state fsyncs (on a busy disk, for seconds): never on the thread that runs
+    the event loop, which must go on answering signals and the network. Covers a session's
+    start, the cycles, and the error recorded when the server is gone."""
+    img = make_image(tmp_path / "img", SIZE)
+    state = str(tmp_path / "state")
+    with loop_device(img) as dev:
+        try:
+            with server(tmp_path, "vol", SIZE) as srv:
+                _fill(dev, 0, 4 * MiB)
+                uri = srv.uri("vol")
+                first = subprocess.run(
+                    [sys.executable, "-c", FSYNC_WATCH, "replicate", dev, uri, "--state", state,
+                     "--once", "--verify"], capture_output=True, text=True, cwd=REPO)
+                assert first.returncode == 0, first.stderr
+                assert "FSYNC ON THE EVENT LOOP" not in first.stderr, first.stderr
+            # The server is gone: the cycle fails, and the error is recorded in the state.
+            second = subprocess.run(
+                [sys.executable, "-c", FSYNC_WATCH, "replicate", dev, uri, "--state", state,
+                 "--once"], capture_output=True, text=True, cwd=REPO)
+            assert second.returncode != 0
+            assert "FSYNC ON THE EVENT LOOP" not in second.stderr, second.stderr
+            assert StateDir(Path(state)).load().last_error  # type: ignore[union-attr]
+        finally:
+            stop_tracker(dev)
