@@ -72,10 +72,14 @@ class VerifyReport:
     """The walk of LMDB's own pages (None: not done, e.g. by an in-process caller)."""
     structural: list[dict[str, Any]] = field(default_factory=list)
     """Per damaged environment: what is damaged, and what that makes unreadable."""
+    records: list[PageDamage] = field(default_factory=list)
+    """Blocks whose map entries and change records disagree (see :func:`_cross_check`):
+    kept away from like damaged pages once recorded."""
 
     @property
     def clean(self) -> bool:
-        return not self.damaged and not self.problems and not self.structural
+        return (not self.damaged and not self.problems and not self.structural
+                and not self.records)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +87,7 @@ class VerifyReport:
             "versions": self.versions, "map_entries": self.map_entries, "chunks": self.chunks,
             "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
             "damaged_chunks": [d.to_json() for d in self.damaged],
+            "damaged_records": [d.problem for d in self.records],
             "problems": self.problems,
             "structure": {
                 "environments": self.structure.environments if self.structure else 0,
@@ -109,7 +114,15 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
         _structural(None, found, report, {})
         return report
     with store:
-        return verify(store, volume, version, full, progress, walk=found)
+        report = verify(store, volume, version, full, progress, walk=found)
+    if volume is None and version is None:
+        # Every map entry was cross-checked: this is the record of disagreeing ones (a
+        # server keeps reads of those blocks away, as from a damaged page).
+        structure.save(path, structure.StructureReport(
+            checked=found.checked, parts=("records",),
+            findings=[structure.EnvFinding(structure.RECORDS, "data.mdb", None, None,
+                                           damage=report.records)] if report.records else []))
+    return report
 
 
 def quarantine(store: Store, walk: structure.StructureReport) -> int:
@@ -240,6 +253,8 @@ def _structural(store: Store | None, found: structure.StructureReport, report: V
     if store is not None:
         with contextlib.suppress(StoreError):
             names = {v.id: v for v in store.volumes()}
+    if store is not None:
+        _zeroed_suspects(store, found, suspects)
     for env in found.damaged:
         entry: dict[str, Any] = {"environment": env.name, "file": env.file,
                                  "problems": env.lines(), "unreadable": []}
@@ -274,6 +289,29 @@ def _structural(store: Store | None, found: structure.StructureReport, report: V
             entry["unreadable"].append("no writes: the store is read-only until restored")
 
 
+def _zeroed_suspects(store: Store, found: structure.StructureReport,
+                     suspects: dict[bytes, str]) -> None:
+    """A chunk whose pages in a segment read as zeros is a hole punched after it died,
+    unless the index still points there: then its data are lost (reads fail their checksum;
+    this finds it without reading them)."""
+    for env in found.findings:
+        if env.segment is None or not env.zeroed:
+            continue
+
+        def live(r: Reading, sid: int = env.segment, zeroed: list[bytes] = env.zeroed
+                 ) -> list[bytes]:
+            out = []
+            for digest in zeroed:
+                with contextlib.suppress(StoreDamaged):
+                    loc = store.locate(r, digest)
+                    if loc is not None and loc.segment == sid:
+                        out.append(digest)
+            return out
+        for digest in store.read(live):
+            suspects.setdefault(digest, f"its pages in segment {env.segment} read as zeros "
+                                "(a hole where live data should be)")
+
+
 def _span(d: PageDamage) -> str:
     lo, hi = d.guard_low, d.guard_high
     return f"{lo.hex() if lo else '(first)'}..{hi.hex() if hi else '(last)'}"
@@ -289,6 +327,8 @@ def _map_span(d: PageDamage, names: dict[int, VolumeInfo]) -> list[str]:
             continue
         first = lo[1] if lo and vid == lo[0] else 0
         last = hi[1] if hi and vid == hi[0] else vol.blocks - 1
+        if hi and vid == hi[0] and hi[2] == (1 << 64) - 1:
+            last -= 1  # the guard ends where block hi[1] begins
         out.append(f"volume {vol.name}: blocks {first}..{last} (offsets {first * vol.block_size}"
                    f"..{(last + 1) * vol.block_size - 1}), any version")
     return out or [f"map keys {_span(d)}"]
@@ -370,6 +410,7 @@ def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int |
             report.map_entries += 1
             if len(v):
                 out.add(bytes(v))
+        _cross_check(store, r, volume, report)
     for d in out:
         try:
             if store.locate(r, d) is None:
@@ -377,6 +418,49 @@ def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int |
         except StoreDamaged as exc:
             suspects.setdefault(d, f"its index entry cannot be read: {exc}")
     return out
+
+
+def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyReport) -> None:
+    """Every map entry of ``volume`` has its change record and every change record its map
+    entry (both are written and deleted in the same transactions).
+
+    A damaged map page whose keys still sort in order passes the structural walk, but a
+    key that changed (a bit of its block or version number) moves an entry to another
+    block or version: reads would serve another block's bytes, or an older version's,
+    and every check of the data would pass. Its change record, written with the original
+    key, no longer matches: each block on either side of a mismatch is reported."""
+    vid = volume.id
+    prefix = keys.volume_id_key(vid)
+    bad: dict[int, str] = {}
+
+    def has(key: bytes, db: Any) -> bool:
+        try:
+            return r.txn.get(key, db=db) is not None
+        except StoreDamaged:
+            return True  # behind known damage: the structural report covers it
+
+    for k, _ in _scan(r, store._map, prefix):
+        if k[:4] != prefix:
+            break
+        if len(k) != keys.MAP_KEY_SIZE:
+            continue
+        _, block, version = keys.unpack_map_key(k)
+        if not has(keys.change_key(vid, version, block), store._changes):
+            bad.setdefault(block, f"a map entry of version {version} has no change record")
+    for k, _ in _scan(r, store._changes, prefix):
+        if k[:4] != prefix:
+            break
+        if len(k) != keys.MAP_KEY_SIZE:
+            continue
+        _, version, block = keys.unpack_change_key(k)
+        if not has(keys.map_key(vid, block, version), store._map):
+            bad.setdefault(block, f"version {version} changed it, but its map entry is gone")
+    for block, problem in sorted(bad.items()):
+        low = keys.map_key(vid, block, (1 << 64) - 1)  # the block's first key, any version
+        high = keys.map_key(vid, block + 1, (1 << 64) - 1)
+        report.records.append(PageDamage("map", None, f"volume {volume.name}, block {block}: "
+                                         f"{problem} (a damaged page)", low, high,
+                                         guard_low=low, guard_high=high))
 
 
 def _scan(r: Reading, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
@@ -524,6 +608,8 @@ def report_text(report: VerifyReport) -> str:
                      "  not in any volume's newest version: heals only if that content is "
                      "written again")
     lines.extend(f"problem: {p}" for p in report.problems)
+    lines.extend(f"damaged map record: {d.problem}; reads of the block are refused until "
+                 "the store is restored" for d in report.records)
     for env in report.structural:
         lines.append(f"structural damage in the {env['environment']} environment "
                      f"({env['file']}):")

@@ -208,6 +208,10 @@ class EnvCheck:
     pages: list[Page] = field(default_factory=list)
     """Every page walked, when asked for (tests use it to find pages to damage)."""
     named: dict[str, DbRecord] = field(default_factory=dict)
+    zeroed: list[tuple[str, bytes]] = field(default_factory=list)
+    """(database, key) of the values whose overflow pages read as zeros: holes punched on
+    purpose where ``punched`` was given (the caller checks that no live record is among
+    them)."""
 
     @property
     def clean(self) -> bool:
@@ -595,7 +599,7 @@ class _Walker:
         if self.punched and not any(head):
             # A dead chunk's pages punched out of a sealed segment (nbdsink.store.holes): they
             # read as zeros and are never read, nor freed (nothing writes a sealed segment).
-            pass
+            self.report.zeroed.append((db, key))
         elif stored != first or flags != P_OVERFLOW or pages != count:
             self.report.damage.append(Damage(
                 db, first, f"overflow page header is wrong (says page {stored}, kind "

@@ -351,6 +351,10 @@ class Store:
             self.env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=24, subdir=True,
                 metasync=False, sync=True, max_readers=512,
+                # A damaged main environment is never written, not even to open a database:
+                # a write allocates pages from the free-page tree, which may be what is
+                # damaged (measured: SIGBUS).
+                readonly=self._damage is not None and bool(self._damage.read_only),
             )
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
@@ -383,6 +387,12 @@ class Store:
     # -- life cycle ---------------------------------------------------------------------------
 
     def _check_format(self, create: bool, segment_bytes: int | None) -> None:
+        if self._damage is not None and self._damage.read_only:
+            raw = self.read(lambda r: _bytes(r.txn.get(b"format", db=self._meta)))
+            if raw is None or json.loads(raw).get("format") != STORE_FORMAT:
+                raise StoreFormatError(f"store at {self.path} is damaged and not in format "
+                                       f"{STORE_FORMAT}: it cannot be upgraded")
+            return
         with self.env.begin(write=True) as txn:
             raw = txn.get(b"format", db=self._meta)
             if raw is None:
@@ -549,6 +559,8 @@ class Store:
 
     def sync(self) -> None:
         """Force everything committed so far (meta page included) to stable storage."""
+        if self._damage is not None and self._damage.read_only:
+            return  # opened read-only: nothing was written
         with self._guard.shared():
             try:
                 self.env.sync(True)

@@ -55,6 +55,9 @@ STRUCTURE_FILE = "structure.json"
 SEGMENT_DIR = "segments"
 MAIN = "main"
 """The name of the main environment in findings."""
+RECORDS = "records"
+"""The name of the findings of ``nbdsink verify``'s cross-check of the map's records (in the
+main environment: reads keep away from them like from its damaged pages)."""
 
 DB_ATTRIBUTES = {
     "_meta": "meta", "_volumes": "volumes", "_versions": "versions", "_map": "map",
@@ -97,10 +100,19 @@ class EnvFinding:
     problems: list[str] = field(default_factory=list)
     damage: list[Damage] = field(default_factory=list)
     leaked_pages: int = 0
+    zeroed: list[bytes] = field(default_factory=list)
+    """Chunks whose pages in this segment read as zeros: punched out when they died, or
+    damaged if the index still points here (``nbdsink verify`` checks; not recorded)."""
 
     @property
     def clean(self) -> bool:
         return not self.problems and not self.damage
+
+    @property
+    def part(self) -> str:
+        """Which check makes this finding: "main", "segments" or "records"."""
+        return RECORDS if self.name == RECORDS else "main" if self.segment is None else \
+            "segments"
 
     def lines(self) -> list[str]:
         return [*self.problems, *(d.describe() for d in self.damage)]
@@ -212,8 +224,9 @@ def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
         report.pages += found.pages_walked
         finding = EnvFinding(name, str(path.relative_to(store_dir)), sid,
                              found.meta.txnid if found.meta else None, list(found.problems),
-                             list(found.damage), found.leaked_pages)
-        if not finding.clean or finding.leaked_pages:
+                             list(found.damage), found.leaked_pages,
+                             [key for db, key in found.zeroed if db == "chunks"])
+        if not finding.clean or finding.leaked_pages or finding.zeroed:
             report.findings.append(finding)
     report.seconds = time.monotonic() - started
     return report
@@ -258,9 +271,8 @@ def save(store_dir: Path, report: StructureReport) -> StructureReport:
     and return the record: for a part ``report`` did not check (the main environment, or
     the segments), the previous record's findings stay."""
     previous = load(store_dir)
-    if previous is not None and set(report.parts) != {"main", "segments"}:
-        kept = [f for f in previous.findings
-                if ("main" if f.segment is None else "segments") not in report.parts]
+    if previous is not None:
+        kept = [f for f in previous.findings if f.part not in report.parts]
         report = StructureReport(report.checked, report.environments, report.pages,
                                  report.seconds, [*kept, *report.findings],
                                  tuple(sorted({*report.parts, *previous.parts})))

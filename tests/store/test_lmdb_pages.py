@@ -259,3 +259,55 @@ def test_verify_names_the_damage_and_a_restored_store_is_served_again(
     assert run.returncode == 1 and "structural damage" not in run.stdout, run.stdout
     with Store(copy) as store:
         assert store.damage is None
+
+
+def _verify_cli(store: Path) -> tuple[int, dict[str, object]]:
+    run = subprocess.run([sys.executable, "-m", "nbdsink.cli.main", "verify", "--json",
+                          "--store", str(store)], capture_output=True, text=True)
+    return run.returncode, json.loads(run.stdout)
+
+
+def test_a_map_key_changed_in_order_is_found_by_its_change_record(
+        copy: Path, base: tuple[Path, dict[int, bytes]]) -> None:
+    """A map entry whose key changed but still sorts in its place (a bit of its version
+    number): every page is sound, every chunk whole, yet block 7 would read as zeros. Its
+    change record no longer matches: verify names the block, and reads of it are refused."""
+    images = base[1]
+    env = lmdb.open(str(copy), max_dbs=24)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"map", txn=txn)
+        value = txn.pop(store_keys.map_key(1, 7, 1), db=db)
+        txn.put(store_keys.map_key(1, 7, 1 << 40), value, db=db)
+    env.close()
+    with Store(copy) as store:
+        buf = bytearray(BS)
+        read_into(store, store.volume("vol"), 1, memoryview(buf), 7 * BS)
+        assert buf == bytes(BS) != images[1][7 * BS : 8 * BS]  # what a reader got
+    code, found = _verify_cli(copy)
+    assert code == 1
+    assert found["damaged_records"] == [
+        f"volume vol, block 7: a map entry of version {1 << 40} has no change record "
+        "(a damaged page)"]
+    with Store(copy) as store:
+        vol = store.volume("vol")
+        for v in images:
+            with pytest.raises(StoreDamaged):
+                read_into(store, vol, v, memoryview(buf), 7 * BS)
+            read_into(store, vol, v, memoryview(buf), 8 * BS)
+            assert buf == images[v][8 * BS : 9 * BS]
+
+
+def test_a_live_chunk_whose_pages_read_as_zeros(copy: Path) -> None:
+    """Zeros are what a punched hole reads as, so the walk lets them pass in a segment; a
+    chunk the index still points to there is damaged, and verify says so without reading
+    the data."""
+    seg = lm.segment_file(copy, 1)
+    page = lm.find_pages(seg, "chunks", "overflow")[11]
+    assert page.key is not None
+    for p in range(page.pgno, page.pgno + page.pages):
+        lm.zero_page(seg, p)
+    code, found = _verify_cli(copy)
+    assert code == 1
+    damaged = found["damaged_chunks"]
+    assert [d["chunk"] for d in damaged] == [page.key.hex()]  # type: ignore[index]
+    assert "read as zeros" in damaged[0]["problem"]  # type: ignore[index]
