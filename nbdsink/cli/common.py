@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-from nbdsink.store import Store
+if TYPE_CHECKING:
+    from nbdsink.store import Store
 
 DEFAULT_STORE = "/var/lib/nbdsink"
 
@@ -23,4 +25,7 @@ def store_path(args: argparse.Namespace) -> str:
 
 
 def open_store(args: argparse.Namespace, create: bool = False) -> Store:
+    # Imported here: registering a command's arguments (and its --help) needs no store.
+    from nbdsink.store import Store
+
     return Store(store_path(args), create=create)

@@ -2,6 +2,11 @@
 
 Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds its
 subcommands and sets ``func`` (taking the parsed arguments, returning an exit status).
+
+Only the modules of the command being run are imported: a command's start-up is Python's and
+its own, not every other command's (trio, the sender, prometheus_client ... cost more than a
+quick command does). Everything else (``nbdsink --help``, a command that does not exist)
+builds the whole parser, so that help and errors list every command.
 """
 
 from __future__ import annotations
@@ -12,23 +17,42 @@ import importlib
 import logging
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 
 from nbdsink import __version__
 from nbdsink.errors import NbdsinkError, UsageError
 
-COMMAND_MODULES = [
-    "nbdsink.cli.store_commands",
-    "nbdsink.cli.space",
-    "nbdsink.cli.dr",
-    "nbdsink.cli.serve",
-    "nbdsink.cli.replicate",
-    "nbdsink.cli.track",
-]
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "nbdsink.cli.store_commands": ("volume", "versions"),
+    "nbdsink.cli.space": ("volume", "prune", "pin", "unpin", "gc", "verify", "df"),
+    "nbdsink.cli.dr": ("clone", "restore"),
+    "nbdsink.cli.serve": ("serve",),
+    "nbdsink.cli.replicate": ("replicate", "status"),
+    "nbdsink.cli.track": ("track",),
+}
+"""Each module, in the order the full parser registers them, with the commands it registers
+(``volume``'s actions come from two modules)."""
+
+_GLOBAL_FLAGS = ("-v", "--verbose")
+"""The options of ``nbdsink`` itself that may come before a command without needing the whole
+parser (``-h`` or ``--version`` there print nbdsink's own help or version)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs, when the parser needs only its modules: its first word, after
+    nothing but ``-v``, and a command some module registers. None otherwise."""
+    for arg in argv:
+        if arg in _GLOBAL_FLAGS:
+            continue
+        if any(arg in commands for commands in COMMAND_MODULES.values()):
+            return arg
+        return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``command`` only of that command (the one
+    :func:`command_of` found): the same parser as far as that command is concerned."""
     parser = argparse.ArgumentParser(
         prog="nbdsink",
         description=(
@@ -40,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbdsink {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name, commands in COMMAND_MODULES.items():
+        if command is None or command in commands:
+            importlib.import_module(name).register(sub)
     return parser
 
 
@@ -60,6 +85,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
             path = a.split("=", 1)[1]
     if path is None or command not in CONFIG_COMMANDS:
         return
+    import tomllib  # only here: a command without --config does not pay for it
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -86,9 +113,10 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_of(arguments))
     try:
-        apply_config_file(parser, list(sys.argv[1:] if argv is None else argv))
+        apply_config_file(parser, arguments)
         args = parser.parse_args(argv)
     except NbdsinkError as exc:
         # A value an argument's type refused (a size, a duration, a rate): one line.

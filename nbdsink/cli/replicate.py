@@ -10,9 +10,6 @@ import sys
 from datetime import datetime
 from typing import Any
 
-import trio
-
-from nbdsink.sender.replicator import ReplicateOptions, replicate
 from nbdsink.sender.state import LOCK_FILE, SenderState, StateDir
 from nbdsink.sender.units import format_duration, format_size, parse_duration, parse_rate
 from nbdsink.tracker import BACKENDS, TrackerError, open_tracker
@@ -116,6 +113,11 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
         raise UsageError("--pre-hook, --post-hook and --frozen-hook run around a freeze: "
                          "give --freeze too")
+    # The sender (trio, the NBD client, the pipeline) is imported here, not for `status`.
+    import trio
+
+    from nbdsink.sender.replicator import ReplicateOptions, replicate
+
     options = ReplicateOptions(
         device=args.device, uri=args.uri, state_dir=args.state, once=args.once,
         interval=args.interval, freeze=args.freeze, pre_hook=args.pre_hook,

@@ -15,7 +15,7 @@ from typing import Any
 
 from nbdsink.cli.common import add_store_argument, open_store, store_path
 from nbdsink.errors import UsageError
-from nbdsink.store import StoreLocked, check, reclaim
+from nbdsink.store import StoreLocked
 from nbdsink.store.retention import Policy
 from nbdsink.store.serve_lock import take_serve_lock
 from nbdsink.store.store import GARBAGE_GRACE_SECONDS, Store
@@ -65,28 +65,9 @@ def _split_version(text: str) -> tuple[str, int]:
 
 
 def register(sub: Any) -> None:
-    vset = _volume_parser(sub).add_parser(
-        "set", help="set a volume's retention policy",
-        description="Set the retention policy the server applies to VOLUME after commits (and "
-                    "'nbdsink prune' uses). Rules as borg and Proxmox Backup Server define "
-                    "them; the newest, pinned and clone-base versions are always kept.",
-    )
-    vset.add_argument("name", help="volume name")
-    add_keep_arguments(vset)
-    vset.add_argument("--no-retention", action="store_true",
-                      help="remove the policy: keep every version")
-    add_store_argument(vset)
-    vset.set_defaults(func=cmd_volume_set)
-
-    vdel = _volume_parser(sub).add_parser(
-        "delete", help="delete a volume and all its versions",
-        description="Delete VOLUME and every version of it. The space comes back with the "
-                    "next gc (the server runs one by itself).",
-    )
-    vdel.add_argument("name", help="volume name")
-    vdel.add_argument("--yes", action="store_true", help="really delete (required)")
-    add_store_argument(vdel)
-    vdel.set_defaults(func=cmd_volume_delete)
+    # `volume` is absent when the parser is built for another command of this module only.
+    if "volume" in sub.choices:
+        _register_volume_actions(_volume_parser(sub))
 
     p = sub.add_parser(
         "prune", help="delete the versions a retention policy does not keep",
@@ -148,18 +129,37 @@ def register(sub: Any) -> None:
     df.set_defaults(func=cmd_df)
 
 
-_VOLUME_SUB: dict[int, Any] = {}
+def _register_volume_actions(volume: Any) -> None:
+    """``volume set`` and ``volume delete``, into the ``volume`` command's sub-parsers."""
+    vset = volume.add_parser(
+        "set", help="set a volume's retention policy",
+        description="Set the retention policy the server applies to VOLUME after commits (and "
+                    "'nbdsink prune' uses). Rules as borg and Proxmox Backup Server define "
+                    "them; the newest, pinned and clone-base versions are always kept.",
+    )
+    vset.add_argument("name", help="volume name")
+    add_keep_arguments(vset)
+    vset.add_argument("--no-retention", action="store_true",
+                      help="remove the policy: keep every version")
+    add_store_argument(vset)
+    vset.set_defaults(func=cmd_volume_set)
+
+    vdel = volume.add_parser(
+        "delete", help="delete a volume and all its versions",
+        description="Delete VOLUME and every version of it. The space comes back with the "
+                    "next gc (the server runs one by itself).",
+    )
+    vdel.add_argument("name", help="volume name")
+    vdel.add_argument("--yes", action="store_true", help="really delete (required)")
+    add_store_argument(vdel)
+    vdel.set_defaults(func=cmd_volume_delete)
 
 
 def _volume_parser(sub: Any) -> Any:
     """The ``volume`` command's sub-parsers (``volume create``/``list`` are registered by
     :mod:`nbdsink.cli.store_commands`, which runs first)."""
-    key = id(sub)
-    if key not in _VOLUME_SUB:
-        volume = sub.choices["volume"]
-        action = next(a for a in volume._actions if isinstance(a, argparse._SubParsersAction))
-        _VOLUME_SUB[key] = action
-    return _VOLUME_SUB[key]
+    volume = sub.choices["volume"]
+    return next(a for a in volume._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def cmd_volume_set(args: argparse.Namespace) -> int:
@@ -177,6 +177,8 @@ def cmd_volume_set(args: argparse.Namespace) -> int:
 def cmd_volume_delete(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError(f"deleting {args.name} and all its versions needs --yes")
+    from nbdsink.store import reclaim  # here: pin, volume set ... do not need it
+
     with open_store(args) as store:
         reclaim.delete_volume(store, args.name)
     print(f"deleted volume {args.name}; its space comes back with the next gc")
@@ -184,6 +186,8 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from nbdsink.store import reclaim
+
     override = policy_from(args)
     with open_store(args) as store:
         volume = store.volume(args.name)
@@ -239,6 +243,8 @@ def _server_absent(path: str) -> Iterator[bool]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from nbdsink.store import reclaim
+
     path = store_path(args)
     with _server_absent(path) as alone, Store(path) as store:
         before = reclaim.usage(store, per_volume=False)["total"]["disk_bytes"]
@@ -266,6 +272,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_df(args: argparse.Namespace) -> int:
+    from nbdsink.store import reclaim
+
     with open_store(args) as store:
         report = reclaim.usage(store)
     if args.json:
@@ -283,6 +291,8 @@ def cmd_df(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from nbdsink.store import check  # here: only verify walks the store's pages
+
     volume, version = None, None
     if args.target:
         if "@" in args.target:
