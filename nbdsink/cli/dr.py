@@ -8,8 +8,6 @@ import sys
 import time
 from typing import Any
 
-import trio
-
 from nbdsink import restore as restoring
 from nbdsink.cli.common import add_store_argument, open_store
 from nbdsink.units import format_size
@@ -60,25 +58,17 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    show = sys.stderr.isatty() and not args.json
-    started = time.monotonic()
+    progress = _ProgressLine(show=sys.stderr.isatty() and not args.json)
+    if "://" in args.source:
+        from nbdsink import restore_remote  # trio and the NBD client: only for this case
 
-    def progress(phase: str, done: int, total: int) -> None:
-        if show and total:
-            print(f"\rrestore: {phase} {100 * done // total:3d}% ({done} of {total} blocks, "
-                  f"{time.monotonic() - started:.0f}s)   ", end="", file=sys.stderr, flush=True)
-
-    async def run() -> tuple[restoring.RestorePlan, int]:
-        if "://" in args.source:
-            remote = restoring.RemoteSource(args.source, None, args.assume)
-            async with remote.opened() as source:
-                return await _restore(source, args, progress)
+        plan, written = restore_remote.run(args.source, None, args.assume,
+                                           lambda source: _restore(source, args, progress))
+    else:
         with open_store(args) as store:
-            return await _restore(restoring.LocalSource(store, args.source, args.assume), args,
-                                  progress)
-
-    plan, written = trio.run(run)
-    if show:
+            source = restoring.LocalSource(store, args.source, args.assume)
+            plan, written = restoring.run_local(_restore(source, args, progress))
+    if progress.show:
         print(file=sys.stderr)
     summary = {**plan.to_json(), "dry_run": args.dry_run, "bytes_written": written}
     if args.json:
@@ -90,6 +80,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"restored {plan.version} to {args.dest}: wrote {len(plan.blocks)} of "
               f"{plan.compared} blocks ({format_size(written)})")
     return 0
+
+
+class _ProgressLine:
+    """The restore's progress on a terminal, one line rewritten: when the percentage changes,
+    or a second after it was last written (the elapsed time goes on)."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.started = time.monotonic()
+        self._last: tuple[str, int, float] = ("", -1, 0.0)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.show or not total:
+            return
+        now = time.monotonic()
+        percent = 100 * done // total
+        last_phase, last_percent, last_time = self._last
+        if (phase, percent) == (last_phase, last_percent) and now - last_time < 1:
+            return
+        self._last = (phase, percent, now)
+        print(f"\rrestore: {phase} {percent:3d}% ({done} of {total} blocks, "
+              f"{now - self.started:.0f}s)   ", end="", file=sys.stderr, flush=True)
 
 
 async def _restore(source: restoring.Source, args: argparse.Namespace,
