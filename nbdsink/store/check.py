@@ -292,8 +292,9 @@ def _structural(store: Store | None, found: structure.StructureReport, report: V
 def _zeroed_suspects(store: Store, found: structure.StructureReport,
                      suspects: dict[bytes, str]) -> None:
     """A chunk whose pages in a segment read as zeros is a hole punched after it died,
-    unless the index still points there: then its data are lost (reads fail their checksum;
-    this finds it without reading them)."""
+    unless the index still points there: then its data are lost if they fail their
+    checksum (only the page header may be zeros: reads are right, and nothing frees the
+    pages of a chunk that is not damaged)."""
     for env in found.findings:
         if env.segment is None or not env.zeroed:
             continue
@@ -304,7 +305,11 @@ def _zeroed_suspects(store: Store, found: structure.StructureReport,
             for digest in zeroed:
                 with contextlib.suppress(StoreDamaged):
                     loc = store.locate(r, digest)
-                    if loc is not None and loc.segment == sid:
+                    if loc is None or loc.segment != sid:
+                        continue
+                    try:
+                        store.read_chunk(r, digest)
+                    except StoreError:
                         out.append(digest)
             return out
         for digest in store.read(live):
@@ -500,6 +505,7 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
                 if loc.flags & FLAG_DAMAGED:
                     suspects.setdefault(digest, "damaged (found earlier), not yet healed")
                     continue
+                _listed(store, r, digest, loc, report)
                 problem = _check_one(store, r, digest, loc, full)
                 if problem:
                     suspects.setdefault(digest, problem)
@@ -511,6 +517,23 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
             progress(done, total)
     if full:
         report.bytes_checked = done
+
+
+def _listed(store: Store, r: Reading, digest: bytes, loc: Location, report: VerifyReport) -> None:
+    """The segment's list of chunks (what compaction copies before it deletes the segment)
+    holds every chunk the index places there: a damaged entry would let compaction delete
+    a chunk still in use. Recorded like damaged map records: the store is then read-only,
+    so nothing is compacted until it is restored."""
+    key = struct.pack(">I", loc.segment) + digest
+    try:
+        if r.txn.get(key, db=store._seg_chunks) is not None:
+            return
+    except StoreDamaged:
+        return  # behind known damage: the structural report covers it
+    report.records.append(PageDamage(
+        "seg_chunks", None, f"chunk {digest.hex()}: the index places it in segment "
+        f"{loc.segment}, whose list of chunks lacks it (a damaged page): compacting the "
+        "segment would lose it", key=key, guard_low=key, guard_high=key + b"\0"))
 
 
 def _check_one(store: Store, r: Reading, digest: bytes, loc: Location, full: bool) -> str | None:
@@ -608,8 +631,9 @@ def report_text(report: VerifyReport) -> str:
                      "  not in any volume's newest version: heals only if that content is "
                      "written again")
     lines.extend(f"problem: {p}" for p in report.problems)
-    lines.extend(f"damaged map record: {d.problem}; reads of the block are refused until "
-                 "the store is restored" for d in report.records)
+    lines.extend(f"damaged record: {d.problem}; "
+                 + ("reads of the block are refused" if d.db == "map" else "the store is "
+                    "read-only") + " until it is restored" for d in report.records)
     for env in report.structural:
         lines.append(f"structural damage in the {env['environment']} environment "
                      f"({env['file']}):")

@@ -276,6 +276,8 @@ def check_file_covers(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
+        if size == 0:
+            return  # created but never written (a crash right after): LMDB initializes it
         meta = _read_meta(fd, size, None)
     finally:
         os.close(fd)

@@ -219,6 +219,8 @@ def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
     for name, path, sid in environments(Path(store_dir)):
         if not (main if sid is None else segments) or not path.exists():
             continue  # not asked for, or a segment compacted away meanwhile
+        if sid is not None and path.stat().st_size == 0:
+            continue  # created by a crash before its first commit: nothing in it
         found = _check_pinned(path, sid, pin)
         report.environments += 1
         report.pages += found.pages_walked

@@ -335,3 +335,16 @@ def test_damage_found_while_serving(base: Base, copy: Path,
         assert time.monotonic() < deadline, "the server did not take the record"
         time.sleep(0.1)
     assert check_reads(srv, base, map_failing(base, damage)) > 0
+
+
+def test_serve_walks_the_main_environment_before_it_serves(
+        base: Base, copy: Path, serve: Callable[[], ServerProcess]) -> None:
+    """No verify ran: the server's own walk at start finds a map leaf read as zeros (LMDB
+    aborts the process on it: every client gone), and the reads that would meet it fail
+    with EIO instead."""
+    leaf = lm.find_pages(lm.main_file(copy), "map", "leaf")[55]
+    lm.zero_page(lm.main_file(copy), leaf.pgno)
+    damage = guards(lm.main_file(copy))
+    srv = serve()
+    assert check_reads(srv, base, map_failing(base, damage)) > 0
+    assert_read_only(srv, base)

@@ -311,3 +311,32 @@ def test_a_live_chunk_whose_pages_read_as_zeros(copy: Path) -> None:
     damaged = found["damaged_chunks"]
     assert [d["chunk"] for d in damaged] == [page.key.hex()]  # type: ignore[index]
     assert "read as zeros" in damaged[0]["problem"]  # type: ignore[index]
+
+
+def test_a_chunk_missing_from_its_segments_list(copy: Path) -> None:
+    """Compaction copies what the segment's list of chunks names, then deletes the segment:
+    a chunk the index places there but the list lacks would be lost. verify finds it, and
+    the store stops writing (so nothing is compacted) until it is restored."""
+    env = lmdb.open(str(copy), max_dbs=24)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"seg_chunks", txn=txn)
+        key = bytes(next(iter(txn.cursor(db=db)))[0])
+        txn.delete(key, db=db)
+    env.close()
+    code, found = _verify_cli(copy)
+    assert code == 1
+    assert found["damaged_records"] == [
+        f"chunk {key[4:].hex()}: the index places it in segment 1, whose list of chunks "
+        "lacks it (a damaged page): compacting the segment would lose it"]
+    with Store(copy) as store:
+        assert store.damage is not None and store.damage.read_only
+        with pytest.raises(StoreReadOnly):
+            Head(store, store.volume("vol")).commit()
+
+
+def test_an_empty_segment_file_left_by_a_crash_is_not_damage(copy: Path) -> None:
+    """A crash between creating a segment's file and its first commit leaves it empty: it
+    holds nothing (the store initializes it when it opens it)."""
+    lm.segment_file(copy, 99).touch()
+    code, found = _verify_cli(copy)
+    assert code == 0, found
