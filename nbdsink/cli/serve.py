@@ -159,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # is then kept away from, or a store that cannot be read is refused, clearly); the
     # segments, which only chunk reads need, are walked while the server runs.
     if (Path(store) / "data.mdb").exists():
-        structure.save(Path(store), structure.check_store(Path(store), segments=False))
+        _record(Path(store), structure.check_store(Path(store), segments=False))
     # Open (and create) the store here first so that a bad store is a clear error now, not
     # a traceback in nbdkit's log later.
     Store(store, create=True).close()
@@ -178,10 +178,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return supervise(cmd, env)
 
 
+def _record(store: Path, report: structure.StructureReport) -> structure.StructureReport:
+    """Record a walk's findings for the server (which cannot know them otherwise)."""
+    try:
+        return structure.save(store, report)
+    except OSError as exc:
+        print(f"nbdsink: cannot record the structural check in {store}: {exc}",
+              file=sys.stderr, flush=True)
+        return report
+
+
 def _check_segments(store: Path) -> None:
     """Walk every segment's pages and record what was found: the server reloads the record
     and keeps reads away from any damage (see nbdsink.store.structure)."""
-    report = structure.save(store, structure.check_store(store, main=False))
+    report = _record(store, structure.check_store(store, main=False))
     for env in report.damaged:
         print(f"nbdsink: structural damage in {env.file}: {'; '.join(env.lines()[:3])} "
               "(see 'nbdsink verify')", file=sys.stderr, flush=True)

@@ -105,7 +105,12 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
     path = Path(path)
     if not (path / "data.mdb").exists():
         raise StoreFormatError(f"no nbdsink store at {path}")
-    found = structure.save(path, structure.check_store(path))
+    found = structure.check_store(path)
+    unrecorded = None
+    try:
+        found = structure.save(path, found)
+    except OSError as exc:  # a read-only copy, say: the report still says everything
+        unrecorded = f"the structural findings could not be recorded for servers: {exc}"
     try:
         store = Store(path)
     except StoreFormatError as exc:
@@ -115,7 +120,9 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
         return report
     with store:
         report = verify(store, volume, version, full, progress, walk=found)
-    if volume is None and version is None:
+    if unrecorded is not None:
+        report.problems.append(unrecorded)
+    elif volume is None and version is None:
         # Every map entry was cross-checked: this is the record of disagreeing ones (a
         # server keeps reads of those blocks away, as from a damaged page).
         structure.save(path, structure.StructureReport(

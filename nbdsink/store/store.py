@@ -637,11 +637,17 @@ class Store:
             self._adopt_map_size()
 
     def _read_once(self, fn: Callable[[Reading], T], segments: SegmentReader) -> T:
+        damage = self._damage
+        if damage is not None and damage.unreadable:
+            # Found while this store was open (the tree of database names, a truncated
+            # file): every transaction would read it.
+            raise StoreDamaged(f"the store's main environment is unreadable: "
+                               f"{damage.unreadable} (see 'nbdsink verify')")
         with self.env.begin(buffers=True) as txn:
-            if self._damage is not None and self._damage.main:
+            if damage is not None and damage.main:
                 # Only a damaged store pays for the guard (see structure.py).
                 return fn(Reading(cast(lmdb.Transaction, GuardedTxn(
-                    txn, self._damage.main, self._db_names)), segments))
+                    txn, damage.main, self._db_names)), segments))
             return fn(Reading(txn, segments))
 
     def oldest_reader(self) -> int | None:
