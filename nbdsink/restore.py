@@ -19,8 +19,9 @@ replicating, each with a clear error. The destination is fsynced at the end.
 
 :func:`plan` and :func:`execute` are coroutines, written once for both kinds of source: a
 remote source's awaits wait for the network (under trio, with the destination's I/O in worker
-threads), while a local source never suspends, so :func:`run_local` drives them to the end in
-the calling thread: no event loop, no hand-off to a thread per step, trio is not imported.
+threads), while a local source never suspends, so :func:`drive` runs them to the end in one
+thread: no event loop, no hand-off to a thread per step, trio is not imported (the command
+does it in a thread of its own, :func:`run_local`, so that ^C stops it between two steps).
 A local source's writing is done by :data:`LOCAL_WORKERS` threads, each reading a run of
 blocks from the store and writing it, so that a store not in memory is read many pages at once.
 """
@@ -138,8 +139,9 @@ class Source:
 class LocalSource(Source):
     """``VOL@N`` in a store on this host (``--assume`` names a version of the same store).
 
-    Nothing here suspends: the store is read in the calling thread (see :func:`run_local`),
-    and by worker threads while :meth:`copy` waits for them.
+    Nothing here suspends: the store is read in the calling thread (see :func:`drive`), and
+    by worker threads while :meth:`copy` waits for them. Once :attr:`stopping` is set, the
+    next step raises KeyboardInterrupt.
     """
 
     run_bytes = LOCAL_RUN
@@ -153,8 +155,14 @@ class LocalSource(Source):
         self.assumed = resolve_version(store, assume) if assume else None
         self._candidates: list[int] | None = None
         self._candidates_known = False
+        self.stopping = threading.Event()
+
+    def _proceed(self) -> None:
+        if self.stopping.is_set():
+            raise KeyboardInterrupt
 
     async def digests(self, first: int, count: int) -> bytes:
+        self._proceed()
         # The digests view's reader checks every chunk it reads against its digest, as a
         # server does for a remote restore.
         from nbdsink.server.digests import read_version_digests
@@ -168,6 +176,7 @@ class LocalSource(Source):
         """From the store's maps alone (no chunk is read). Where the change lists tell which
         blocks may differ (the same volume, or a clone against its base), only those are
         compared; else every block's digests are."""
+        self._proceed()
         assert self.assumed is not None
         theirs, version = self.assumed
         mine = self.volume, self.version
@@ -199,7 +208,12 @@ class LocalSource(Source):
         return store.read(compare)
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
+        self._proceed()
         self._fill(buf, offset)
+
+    async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        self._proceed()
+        return fn(*args, **kwargs)
 
     async def copy(self, dest: Destination, spans: Sequence[Span],
                    finished: Callable[[Span], None]) -> None:
@@ -220,7 +234,7 @@ class LocalSource(Source):
             # one each time faults its pages in again: measured, three times as long).
             buf = mmap.mmap(-1, most)
             try:
-                while not stop.is_set():
+                while not stop.is_set() and not self.stopping.is_set():
                     with taking:
                         span = next(todo, None)
                     if span is None:
@@ -253,6 +267,7 @@ class LocalSource(Source):
             raise failures[0]
         while written:
             finished(written.popleft())
+        self._proceed()
 
     def _fill(self, buf: memoryview, offset: int) -> None:
         """Whole blocks from the version's map, each chunk checked as every read checks it.
@@ -293,7 +308,7 @@ def resolve_version(store: Store, spec: str) -> tuple[VolumeInfo, int]:
     return volume, version
 
 
-def run_local(work: Coroutine[Any, Any, T]) -> T:
+def drive(work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` (:func:`plan` or :func:`execute` of a :class:`LocalSource`, which never
     suspends) to its end in this thread."""
     try:
@@ -303,6 +318,42 @@ def run_local(work: Coroutine[Any, Any, T]) -> T:
         return result
     work.close()
     raise RuntimeError("a local restore waited for something: only a remote source may")
+
+
+def run_local(work: Coroutine[Any, Any, T], source: LocalSource) -> T:
+    """:func:`drive` ``work`` in a thread of its own while this one waits.
+
+    Python raises KeyboardInterrupt (^C) in the main thread, at whatever line it is on: in
+    the store's code, that could leave a read half-ended and the store unable to close (a
+    hang). Here it lands in the wait; the restore then stops at its next step (nothing
+    started or half-written, DEST fsynced) and the KeyboardInterrupt goes on from here.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+    # An Event, not Thread.join: Python 3.11's join, once interrupted, takes the thread for
+    # ended (it releases the thread's own lock), and a second join returns at once.
+    ended = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(drive(work))
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            ended.set()
+
+    # Not a daemon: should this thread be left by a second ^C, Python still waits for it
+    # (and its fsync of DEST) before it exits.
+    threading.Thread(target=run, name="nbdsink-restore").start()
+    try:
+        ended.wait()
+    except KeyboardInterrupt:
+        source.stopping.set()
+        ended.wait()
+        raise
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 # -- the destination ---------------------------------------------------------------------------

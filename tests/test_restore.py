@@ -31,7 +31,7 @@ def _image(store: Store, name: str, version: int) -> bytes:
     volume = store.volume(name)
     buf = bytearray(volume.size)
     source = restore.LocalSource(store, f"{name}@{version}", None)
-    restore.run_local(source.read_into(memoryview(buf), 0))
+    restore.drive(source.read_into(memoryview(buf), 0))
     return bytes(buf)
 
 
@@ -41,8 +41,8 @@ def _restore(store: Store, spec: str, dest: Path, assume: str | None) -> tuple[i
     target = restore.Destination(str(dest))
     try:
         restore.check_destination(target, source.size)
-        plan = restore.run_local(restore.plan(source, target, assume))
-        written = restore.run_local(restore.execute(source, target, plan))
+        plan = restore.drive(restore.plan(source, target, assume))
+        written = restore.drive(restore.execute(source, target, plan))
     finally:
         target.close()
     return len(plan.blocks), written
@@ -133,3 +133,44 @@ def test_an_error_in_a_worker_stops_the_restore_and_running_it_again_finishes(
     # The device still holds vol@1 plus part of v2: the same plan, again, completes it.
     _restore(store, f"vol@{v2}", dest, "vol@1")
     assert dest.read_bytes() == _image(store, "vol", v2)
+
+
+def test_ctrl_c_stops_between_steps_and_the_store_still_closes(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+    import threading
+    import time
+
+    rng = random.Random(6)
+    dest = tmp_path / "dest.img"
+    dest.write_bytes(_image(store, "vol", 1))
+    v2 = _commit(store, "vol", {b: rng.randbytes(BS) for b in range(0, BLOCKS, 2)})
+    real_write = restore.Destination.write
+    closed = []
+    real_close = restore.Destination.close
+    calls = []
+
+    def slow(self: restore.Destination, data: memoryview, offset: int) -> None:
+        calls.append(offset)
+        if len(calls) == 1:  # ^C: Python raises it in the main thread, wherever that is
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        time.sleep(0.01)
+        real_write(self, data, offset)
+
+    monkeypatch.setattr(restore.Destination, "write", slow)
+    monkeypatch.setattr(restore.Destination, "close",
+                        lambda self: (closed.append(True), real_close(self))[1])
+
+    async def whole(source: restore.LocalSource) -> int:
+        target = restore.Destination(str(dest))
+        try:
+            plan = await restore.plan(source, target, "vol@1")
+            return await restore.execute(source, target, plan)
+        finally:
+            target.close()
+
+    source = restore.LocalSource(store, f"vol@{v2}", "vol@1")
+    with pytest.raises(KeyboardInterrupt):
+        restore.run_local(whole(source), source)
+    assert closed and len(calls) < BLOCKS // 2  # stopped early, DEST fsynced and closed
+    store.close()  # no read was left half-ended

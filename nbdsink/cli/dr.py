@@ -67,7 +67,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         with open_store(args) as store:
             source = restoring.LocalSource(store, args.source, args.assume)
-            plan, written = restoring.run_local(_restore(source, args, progress))
+            plan, written = restoring.run_local(_restore(source, args, progress), source)
     if progress.show:
         print(file=sys.stderr)
     summary = {**plan.to_json(), "dry_run": args.dry_run, "bytes_written": written}
