@@ -113,7 +113,7 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
         unrecorded = f"the structural findings could not be recorded for servers: {exc}"
     try:
         store = Store(path)
-    except StoreFormatError as exc:
+    except StoreError as exc:  # unreadable, or damaged where opening must read
         report = VerifyReport(full=full, structure=found)
         report.problems.append(str(exc))
         _structural(None, found, report, {})

@@ -504,6 +504,8 @@ class Store:
 
     def _forget_retired_files(self) -> None:
         """Delete the files of segments compacted away before a crash or a stop."""
+        if self._damage is not None and self._damage.read_only:
+            return  # no file is deleted on the word of a damaged environment
         states = self.read(lambda r: {
             _unpack_u32(k): json.loads(bytes(v))["state"] for k, v in r.txn.cursor(db=self._segments_db)})
         for sid in self.segments.existing():

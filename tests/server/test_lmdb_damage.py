@@ -348,3 +348,19 @@ def test_serve_walks_the_main_environment_before_it_serves(
     srv = serve()
     assert check_reads(srv, base, map_failing(base, damage)) > 0
     assert_read_only(srv, base)
+
+
+def test_a_bookkeeping_page(base: Base, copy: Path, serve: Callable[[], ServerProcess]) -> None:
+    """The segments' states (what compaction and the start of a server read) read as
+    zeros: reads need none of it and are all served; the store is read-only, and no
+    segment file is deleted on its word."""
+    data = lm.main_file(copy)
+    page = lm.find_pages(data, "segments", "leaf")[0]
+    lm.zero_page(data, page.pgno)
+    code, _, text = verify(copy)
+    assert code == 1 and "database segments" in text, text
+    srv = serve()
+    assert check_reads(srv, base, lambda *_: False) == 0
+    assert_read_only(srv, base)
+    assert sorted(p.name for p in (copy / "segments").glob("*.mdb")) == [
+        "00000001.mdb", "00000002.mdb", "00000003.mdb"]
