@@ -27,7 +27,7 @@ import blake3
 
 from nbdsink.store import keys, structure
 from nbdsink.store.chunks import HEADER_SIZE
-from nbdsink.store.errors import StoreError, StoreFormatError
+from nbdsink.store.errors import StoreError, StoreFormatError, UnknownVolume
 from nbdsink.store.lmdb_pages import MAIN_DB
 from nbdsink.store.lmdb_pages import Damage as PageDamage
 from nbdsink.store.store import (
@@ -189,6 +189,11 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         _structural(store, walk, report, suspects)
     try:
         volumes = [store.volume(volume)] if volume else store.volumes()
+    except UnknownVolume:
+        if walk is None or walk.clean:
+            raise  # a name the store does not have, not damage: the user's error
+        report.problems.append(f"volume {volume!r} not found (the store is damaged)")
+        volumes = []
     except StoreError as exc:
         report.problems.append(f"volumes: {exc}")
         volumes = []
