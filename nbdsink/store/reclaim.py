@@ -169,12 +169,18 @@ def _start_prune(store: Store, volume: VolumeInfo, version: int) -> bool:
     return done
 
 
-def _next_version(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int | None:
-    cur = txn.cursor(db=store._versions)
-    if not cur.set_range(keys.version_key(vid, version + 1)):
+def _first_at_or_after(txn: lmdb.Transaction, db: Any, vid: int, version: int) -> int | None:
+    """The lowest version number of volume ``vid`` keyed in ``db`` (versions or tombstones)
+    at or above ``version``."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(keys.version_key(vid, version)):
         return None
-    key_vid, nxt = keys.unpack_version_key(bytes(cur.key()))
-    return nxt if key_vid == vid else None
+    key_vid, found = keys.unpack_version_key(bytes(cur.key()))
+    return found if key_vid == vid else None
+
+
+def _next_version(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int | None:
+    return _first_at_or_after(txn, store._versions, vid, version + 1)
 
 
 def finish_pruning(store: Store) -> int:
@@ -195,25 +201,15 @@ def finish_pruning(store: Store) -> int:
 
 def _below(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> bool:
     """Does volume ``vid`` have a version or a tombstone older than ``version``?"""
-    for db in (store._versions, store._pruning):
-        cur = txn.cursor(db=db)
-        if cur.set_range(keys.version_key(vid, 0)):
-            key_vid, first = keys.unpack_version_key(bytes(cur.key()))
-            if key_vid == vid and first < version:
-                return True
-    return False
+    return any((first := _first_at_or_after(txn, db, vid, 0)) is not None and first < version
+               for db in (store._versions, store._pruning))
 
 
 def _above(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int | None:
     """The oldest version or tombstone of volume ``vid`` newer than ``version``."""
-    found = []
-    for db in (store._versions, store._pruning):
-        cur = txn.cursor(db=db)
-        if cur.set_range(keys.version_key(vid, version + 1)):
-            key_vid, nxt = keys.unpack_version_key(bytes(cur.key()))
-            if key_vid == vid:
-                found.append(nxt)
-    return min(found, default=None)
+    found = [_first_at_or_after(txn, db, vid, version + 1)
+             for db in (store._versions, store._pruning)]
+    return min((v for v in found if v is not None), default=None)
 
 
 def _merge_step(store: Store, vid: int, version: int, into: int, after: list[int]) -> bool:
