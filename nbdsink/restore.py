@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import functools
 import mmap
 import os
 import stat
@@ -153,8 +154,6 @@ class LocalSource(Source):
         self.size = self.volume.size
         self.block_size = self.volume.block_size
         self.assumed = resolve_version(store, assume) if assume else None
-        self._candidates: list[int] | None = None
-        self._candidates_known = False
         self.stopping = threading.Event()
 
     def _proceed(self) -> None:
@@ -172,6 +171,18 @@ class LocalSource(Source):
                              first * DIGEST_SIZE)
         return bytes(buf)
 
+    @functools.cached_property
+    def _candidates(self) -> list[int] | None:
+        """With --assume: the blocks the change lists say may differ, sorted (None: the
+        lists cannot tell, every block is compared)."""
+        from nbdsink.store.diff import candidate_blocks
+
+        assert self.assumed is not None
+        store, (theirs, version) = self.store, self.assumed
+        found = store.read(lambda r: candidate_blocks(store, r, self.volume, self.version,
+                                                      theirs, version))
+        return None if found is None else sorted(found)
+
     async def changed_blocks(self, first: int, count: int) -> list[int]:
         """From the store's maps alone (no chunk is read). Where the change lists tell which
         blocks may differ (the same volume, or a clone against its base), only those are
@@ -181,12 +192,6 @@ class LocalSource(Source):
         theirs, version = self.assumed
         mine = self.volume, self.version
         store = self.store
-        if not self._candidates_known:
-            from nbdsink.store.diff import candidate_blocks
-
-            found = store.read(lambda r: candidate_blocks(store, r, *mine, theirs, version))
-            self._candidates = None if found is None else sorted(found)
-            self._candidates_known = True
         candidates = self._candidates
         if candidates is None:
             def compare_all(r: Reading) -> list[int]:
