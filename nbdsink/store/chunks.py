@@ -17,6 +17,7 @@ default 64 KiB among them, stay whole (one page in 17, 6%, for a 64 KiB block).
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import blake3
@@ -65,6 +66,14 @@ def encode_chunk(data: bytes | bytearray | memoryview, pad_to: int = 0) -> bytea
 
 
 _unpack_header = _HEADER.unpack_from
+
+
+@functools.lru_cache(maxsize=64)
+def whole_header(length: int) -> bytes:
+    """The header of a whole (format 1), raw chunk of ``length`` data bytes: a read that
+    finds exactly these bytes in front of exactly ``length`` more needs no other check of
+    the header."""
+    return _HEADER.pack(FORMAT_WHOLE, CODEC_RAW, length)
 
 
 def check_header(stored: bytes | memoryview) -> tuple[int, int]:

@@ -67,9 +67,12 @@ class Segment:
         except (EnvUnreadable, OSError) as exc:
             raise StoreError(f"cannot open segment {path}: {exc}") from None
         try:
+            # Readahead stays on (LMDB's default): a chunk is a run of contiguous overflow
+            # pages, and the chunks of one write are neighbours. Off, a read of pages not in
+            # memory faults them in 4 KiB at a time: a full read of a 512 MiB version after
+            # a restart took 3.6 s with it off, 0.66 s with it on (nbdkit file: 0.5 s).
             self.env = lmdb.open(str(path), map_size=map_size, max_dbs=2, subdir=False,
-                                 create=create, metasync=False, sync=True, max_readers=512,
-                                 readahead=False)
+                                 create=create, metasync=False, sync=True, max_readers=512)
         except lmdb.Error as exc:
             if not path.exists():
                 raise SegmentGone(f"segment {sid} is gone") from None
