@@ -6,6 +6,8 @@ Same data, same disk, same client (nbdcopy --flush), same run:
   new data   1 GiB of random data into a fresh volume  vs  into a fresh file
   duplicate  the same 1 GiB into a second volume       vs  into a second file
   read       a full read of the version                vs  a full read of the file
+  read, cold the same, after the kernel dropped its page cache (as root only: the store
+             of a replica is mostly not in memory when an old version is read)
 A fourth line, "commits", times only the store's durable LMDB commits of the same new data,
 in this process: 64 MiB batches, hashed and encoded before the clock runs, each saved with
 Store.stage_blocks and committed as the server does (no NBD, no nbdkit, no hashing). It is
@@ -37,8 +39,19 @@ from nbdsink.store.head import DEFAULT_BATCH_BYTES
 from nbdsink.testing import ServerProcess
 from nbdsink.units import format_size, parse_size
 
-KINDS = (("new", "new data"), ("dup", "duplicate"), ("read", "read"),
+KINDS = (("new", "new data"), ("dup", "duplicate"), ("read", "read"), ("cold", "read, cold"),
          ("commits", "commits"))
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def can_drop_caches() -> bool:
+    return os.access(DROP_CACHES, os.W_OK)
+
+
+def drop_caches() -> None:
+    """Write dirty pages out, then drop the clean ones (what a read finds cold)."""
+    subprocess.run(["sync"], check=True)
+    DROP_CACHES.write_text("3\n")
 
 
 def timed(cmd: list[str]) -> float:
@@ -74,6 +87,9 @@ def reference_round(work: Path, src: Path, size: int) -> dict[str, float]:
             times[name] = timed(["nbdcopy", "--flush", str(src), f"nbd+unix:///?socket={sock}"])
             if name == "new":
                 times["read"] = timed(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"])
+                if can_drop_caches():
+                    drop_caches()
+                    times["cold"] = timed(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"])
         finally:
             proc.terminate()
             proc.wait()
@@ -91,6 +107,13 @@ def nbdsink_round(work: Path, src: Path, size: int) -> dict[str, float]:
         times["new"] = timed(["nbdcopy", "--flush", str(src), srv.uri("new")])
         times["dup"] = timed(["nbdcopy", "--flush", str(src), srv.uri("dup")])
         times["read"] = timed(["nbdcopy", srv.uri("new@1"), "null:"])
+        if can_drop_caches():
+            # The server has read every page through its maps; pages a process maps are
+            # not dropped. A server started afresh has mapped none.
+            srv.stop()
+            drop_caches()
+            srv.start()
+            times["cold"] = timed(["nbdcopy", srv.uri("new@1"), "null:"])
     shutil.rmtree(work / "store")
     (work / "nbdsink.sock").unlink(missing_ok=True)
     times["commits"] = commits_only(work / "commits-only", src, size)
@@ -140,20 +163,21 @@ def main() -> None:
                 n = min(left, 16 << 20)
                 f.write(os.urandom(n))
                 left -= n
-        ratios: dict[str, list[float]] = {name: [] for name, _ in KINDS}
+        kinds = [(name, label) for name, label in KINDS if name != "cold" or can_drop_caches()]
+        ratios: dict[str, list[float]] = {name: [] for name, _ in kinds}
         print(f"data: {format_size(args.size)} random, nbdcopy --flush, disk {args.dir}")
         print(f"{'round':6} {'':10} {'nbdkit file':>12} {'nbdsink':>12} {'ratio':>8}")
         for n in range(1, args.rounds + 1):
             ref = reference_round(work, src, args.size)
             ours = nbdsink_round(work, src, args.size)
-            for name, label in KINDS:
+            for name, label in kinds:
                 reference = ref["new" if name == "commits" else name]
                 ratio = reference / ours[name]
                 ratios[name].append(ratio)
                 print(f"{n:<6} {label:10} {reference:>11.2f}s {ours[name]:>11.2f}s "
                       f"{ratio:>7.2f}x", flush=True)
         print(f"median of {args.rounds} rounds (min-max):")
-        for name, label in KINDS:
+        for name, label in kinds:
             values = ratios[name]
             print(f"       {label:10} {statistics.median(values):>7.2f}x "
                   f"({min(values):.2f}-{max(values):.2f})")
