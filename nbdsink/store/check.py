@@ -18,8 +18,8 @@ import contextlib
 import functools
 import struct
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from nbdsink.store.errors import StoreError, StoreFormatError, UnknownVolume
 from nbdsink.store.lmdb_pages import MAIN_DB
 from nbdsink.store.lmdb_pages import Damage as PageDamage
 from nbdsink.store.store import (
+    _INDEX_SIZE,
     FLAG_DAMAGED,
     FLAG_NO_CHECKSUM,
     Location,
@@ -38,11 +39,14 @@ from nbdsink.store.store import (
     Store,
     VolumeInfo,
     _data_check,
+    _unpack_index,
 )
 from nbdsink.store.structure import StoreDamaged
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
+_Indexed = tuple[bytes, int, int, int, int]
+"""An index entry, as verify goes through them: digest, segment, length, checksum, flags."""
 
 
 @dataclass
@@ -199,6 +203,9 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         volumes = []
     report.volumes = len(volumes)
     wanted: set[bytes] | None = None
+    # The whole store: every indexed chunk is listed below, so the digests the maps use
+    # are compared with that listing instead of each looked up.
+    whole = volume is None
     for v in volumes:
         try:
             if version is None:
@@ -211,17 +218,24 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         try:
             digests = store.read(functools.partial(_map_digests, store, volume=v,
                                                    version=version, report=report,
-                                                   suspects=suspects))
+                                                   suspects=suspects, look_up=not whole))
         except StoreError as exc:
             report.problems.append(f"volume {v.name}: map not fully read: {exc}")
             digests = set()
         wanted = digests if wanted is None else wanted | digests
-    if volume is None:
+    used = wanted or set()
+    if whole:
         wanted = None  # the whole store: every indexed chunk
+    listed: set[bytes] = set()
     try:
-        _check_chunks(store, wanted, full, report, suspects, progress)
+        _check_chunks(store, wanted, full, report, suspects, progress, listed)
     except StoreError as exc:
         report.problems.append(f"chunk index not fully read: {exc}")
+    if whole:
+        # Looked up one by one: an entry the listing skipped (behind known damage) is told
+        # apart from one that is missing.
+        with contextlib.suppress(StoreError):
+            store.read(lambda r: _missing(store, r, used - listed, suspects))
     for digest, problem in suspects.items():
         # Quarantined, so reads give EIO without looking (a store whose main environment
         # is damaged is read-only: those chunks' lookups are refused by the guard instead).
@@ -401,8 +415,10 @@ def _index_suspects(store: Store, d: PageDamage, suspects: dict[bytes, str]) -> 
 
 
 def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int | None,
-                 report: VerifyReport, suspects: dict[bytes, str]) -> set[bytes]:
-    """Digests the volume's map uses (of one version, or all); entries without a chunk."""
+                 report: VerifyReport, suspects: dict[bytes, str],
+                 look_up: bool = True) -> set[bytes]:
+    """Digests the volume's map uses (of one version, or all); with ``look_up``, entries
+    without a chunk (else the caller finds them: :func:`_missing`)."""
     out: set[bytes] = set()
     if version is not None:
         block = 0
@@ -420,26 +436,28 @@ def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int |
             block += n
         report.map_entries += len(out)
     else:
-        prefix = keys.volume_id_key(volume.id)
-        for k, v in _scan(r, store._map, prefix):
-            if k[:4] != prefix:
-                break
-            report.map_entries += 1
-            if len(v):
-                out.add(bytes(v))
-        _cross_check(store, r, volume, report)
-    for d in out:
+        _cross_check(store, r, volume, report, out)
+    if look_up:
+        _missing(store, r, out, suspects)
+    return out
+
+
+def _missing(store: Store, r: Reading, digests: Iterable[bytes],
+             suspects: dict[bytes, str]) -> None:
+    """Of ``digests`` (used by map entries), those the index does not have."""
+    for d in digests:
         try:
             if store.locate(r, d) is None:
                 suspects[d] = "missing: a version uses it but the store has no such chunk"
         except StoreDamaged as exc:
             suspects.setdefault(d, f"its index entry cannot be read: {exc}")
-    return out
 
 
-def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyReport) -> None:
+def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyReport,
+                 digests: set[bytes]) -> None:
     """Every map entry of ``volume`` has its change record and every change record its map
-    entry (both are written and deleted in the same transactions).
+    entry (both are written and deleted in the same transactions). The walk of the map
+    also counts its entries and adds the digests they use to ``digests``.
 
     A damaged map page whose keys still sort in order passes the structural walk, but a
     key that changed (a bit of its block or version number) moves an entry to another
@@ -450,15 +468,23 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
     prefix = keys.volume_id_key(vid)
     bad: dict[int, str] = {}
 
+    # One cursor per database: consecutive lookups mostly land on the leaf page of the one
+    # before, where LMDB looks first (measured: an eighth less time than lookups from the
+    # root).
+    cursors = {id(db): r.txn.cursor(db=db) for db in (store._map, store._changes)}
+
     def has(key: bytes, db: Any) -> bool:
         try:
-            return r.txn.get(key, db=db) is not None
+            return bool(cursors[id(db)].set_key(key))
         except StoreDamaged:
             return True  # behind known damage: the structural report covers it
 
-    for k, _ in _scan(r, store._map, prefix):
+    for k, v in _scan(r, store._map, prefix):
         if k[:4] != prefix:
             break
+        report.map_entries += 1
+        if len(v):
+            digests.add(bytes(v))
         if len(k) != keys.MAP_KEY_SIZE:
             continue
         _, block, version = keys.unpack_map_key(k)
@@ -499,29 +525,37 @@ def _scan(r: Reading, db: Any, start: bytes | None = None) -> Iterator[tuple[byt
 
 
 def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: VerifyReport,
-                  suspects: dict[bytes, str], progress: Progress | None) -> None:
-    def listing(r: Reading) -> list[tuple[bytes, Location]]:
+                  suspects: dict[bytes, str], progress: Progress | None,
+                  listed: set[bytes]) -> None:
+    """Check every chunk of ``wanted`` (None: every indexed chunk); adds the digests it
+    found indexed to ``listed``."""
+    def listing(r: Reading) -> list[_Indexed]:
         if wanted is not None:
-            return [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
-        return [(d, Location.decode(raw)) for d, raw in _scan(r, store._index)]
+            found = [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
+            return [(d, loc.segment, loc.length, loc.check, loc.flags) for d, loc in found]
+        # Plain tuples: a Location per chunk cost a twentieth of verify --full.
+        return [(d, *_unpack_index(raw)) if len(raw) == _INDEX_SIZE
+                else (d, *astuple(Location.decode(raw)))  # raises: a damaged entry
+                for d, raw in _scan(r, store._index)]
     chunks = store.read(listing)
-    total = sum(loc.length for _, loc in chunks) if full else len(chunks)
+    listed.update(c[0] for c in chunks)
+    total = sum(c[2] for c in chunks) if full else len(chunks)
     done = 0
     batch = 256
     for i in range(0, len(chunks), batch):
         part = chunks[i : i + batch]
 
-        def check(r: Reading, part: list[tuple[bytes, Location]] = part) -> int:
+        def check(r: Reading, part: list[_Indexed] = part) -> int:
             n = 0
-            for digest, loc in part:
-                if loc.flags & FLAG_DAMAGED:
+            for digest, segment, length, checksum, flags in part:
+                if flags & FLAG_DAMAGED:
                     suspects.setdefault(digest, "damaged (found earlier), not yet healed")
                     continue
-                _listed(store, r, digest, loc, report)
-                problem = _check_one(store, r, digest, loc, full)
+                _listed(store, r, digest, segment, report)
+                problem = _check_one(store, r, digest, segment, length, checksum, flags, full)
                 if problem:
                     suspects.setdefault(digest, problem)
-                n += loc.length if full else 1
+                n += length if full else 1
             return n
         done += store.read(check)
         report.chunks += len(part)
@@ -531,12 +565,12 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
         report.bytes_checked = done
 
 
-def _listed(store: Store, r: Reading, digest: bytes, loc: Location, report: VerifyReport) -> None:
+def _listed(store: Store, r: Reading, digest: bytes, segment: int, report: VerifyReport) -> None:
     """The segment's list of chunks (what compaction copies before it deletes the segment)
     holds every chunk the index places there: a damaged entry would let compaction delete
     a chunk still in use. Recorded like damaged map records: the store is then read-only,
     so nothing is compacted until it is restored."""
-    key = struct.pack(">I", loc.segment) + digest
+    key = struct.pack(">I", segment) + digest
     try:
         if r.txn.get(key, db=store._seg_chunks) is not None:
             return
@@ -544,32 +578,36 @@ def _listed(store: Store, r: Reading, digest: bytes, loc: Location, report: Veri
         return  # behind known damage: the structural report covers it
     report.records.append(PageDamage(
         "seg_chunks", None, f"chunk {digest.hex()}: the index places it in segment "
-        f"{loc.segment}, whose list of chunks lacks it (a damaged page): compacting the "
+        f"{segment}, whose list of chunks lacks it (a damaged page): compacting the "
         "segment would lose it", key=key, guard_low=key, guard_high=key + b"\0"))
 
 
-def _check_one(store: Store, r: Reading, digest: bytes, loc: Location, full: bool) -> str | None:
-    if loc.segment == 0:
+def _check_one(store: Store, r: Reading, digest: bytes, segment: int, length: int,
+               checksum: int, flags: int, full: bool) -> str | None:
+    if segment == 0:
         stored, tail = r.txn.get(digest, db=store._chunks), r.txn.get(digest, db=store._tails)
     else:
         try:
-            stored, tail = r.segments.get(loc.segment, digest)
+            stored, tail = r.segments.get(segment, digest)
         except StoreError as exc:
-            return f"segment {loc.segment} unreadable: {exc}"
+            return f"segment {segment} unreadable: {exc}"
     if stored is None:
-        return f"missing from segment {loc.segment}"
+        return f"missing from segment {segment}"
     held = len(stored) - HEADER_SIZE + (len(tail) if tail is not None else 0)
-    if held != loc.length:
-        return f"holds {held} bytes in segment {loc.segment}, the index says {loc.length}"
+    if held != length:
+        return f"holds {held} bytes in segment {segment}, the index says {length}"
     if not full:
         return None
-    if not loc.flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != loc.check:
-        return f"fails its checksum in segment {loc.segment}: damaged on disk"
+    # The checksum first: it reads the data from memory at least as fast as blake3 would,
+    # and blake3 then finds them in the CPU's cache (measured: both together take less
+    # time than blake3 alone; the other order, a tenth more).
+    if not flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != checksum:
+        return f"fails its checksum in segment {segment}: damaged on disk"
     h = blake3.blake3(memoryview(stored)[HEADER_SIZE:])
     if tail is not None:
         h.update(tail)
     if h.digest() != digest:
-        return f"data in segment {loc.segment} do not hash to the chunk's digest"
+        return f"data in segment {segment} do not hash to the chunk's digest"
     return None
 
 

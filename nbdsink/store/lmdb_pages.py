@@ -500,27 +500,42 @@ class _Walker:
         in order and inside [low, high). None (and the damage recorded) if any is not."""
         out: list[tuple[int, int, int, bytes]] = []
         previous: bytes | None = None
-        for i in range(n):
-            offset = _U16.unpack_from(buf, PAGE_HEADER + 2 * i)[0]
-            if offset < upper or offset + NODE_HEADER > self.psize:
+        psize = self.psize
+        unpack_node = _NODE.unpack_from
+        # This loop runs once per node of every page of every walk (a verify, a server's
+        # start): plain byte comparisons where keys are not integers, and the page's node
+        # offsets unpacked at once, make the walk of a store of 64 KiB chunks half as long.
+        if PAGE_HEADER + 2 * n > len(buf):
+            self.damage(db, pgno, f"{n} nodes cannot fit the page", low, high)
+            return None
+        offsets = struct.unpack_from(f"<{n}H", buf, PAGE_HEADER)
+        for i, offset in enumerate(offsets):
+            if offset < upper or offset + NODE_HEADER > psize:
                 self.damage(db, pgno, f"node {i} lies outside the page's node area", low, high)
                 return None
-            lo, hi, flags, ksize = _NODE.unpack_from(buf, offset)
-            if offset + NODE_HEADER + ksize > self.psize:
+            lo, hi, flags, ksize = unpack_node(buf, offset)
+            if offset + NODE_HEADER + ksize > psize:
                 self.damage(db, pgno, f"node {i}'s key runs past the page", low, high)
                 return None
             key = buf[offset + NODE_HEADER : offset + NODE_HEADER + ksize]
             # A branch page's first key is not used (its child holds everything below the
             # second): LMDB leaves it empty.
             if not (branch and i == 0):
-                if integer_keys and ksize != 8:
-                    self.damage(db, pgno, f"node {i} has a {ksize}-byte integer key", low, high)
-                    return None
-                if previous is not None and not _less(previous, key, integer_keys):
+                if integer_keys:
+                    if ksize != 8:
+                        self.damage(db, pgno, f"node {i} has a {ksize}-byte integer key",
+                                    low, high)
+                        return None
+                    in_order = previous is None or _less(previous, key, True)
+                    inside = ((low is None or not _less(key, low, True))
+                              and (high is None or _less(key, high, True)))
+                else:
+                    in_order = previous is None or previous < key
+                    inside = (low is None or key >= low) and (high is None or key < high)
+                if not in_order:
                     self.damage(db, pgno, f"keys out of order at node {i}", low, high)
                     return None
-                if (low is not None and _less(key, low, integer_keys)) or (
-                        high is not None and not _less(key, high, integer_keys)):
+                if not inside:
                     self.damage(db, pgno, f"node {i}'s key {key.hex()} lies outside the "
                                 "page's range", low, high)
                     return None
@@ -608,11 +623,11 @@ class _Walker:
                 f"{flags:#x}, {pages} pages; expected {first}, {P_OVERFLOW:#x}, {count})",
                 None, None, key, True))
             return None
-        for p in range(first, first + count):
-            if self.used[p]:
-                self.damage(db, first, f"overflow pages {first}..{first + count - 1} overlap "
-                            f"page {p}, which another pointer reaches too", None, None, key)
-                return None
+        p = self.used.find(1, first, first + count)
+        if p >= 0:
+            self.damage(db, first, f"overflow pages {first}..{first + count - 1} overlap "
+                        f"page {p}, which another pointer reaches too", None, None, key)
+            return None
         self.used[first : first + count] = b"\1" * count
         self.counts[2] += count
         if self.collect:
