@@ -14,6 +14,7 @@ source heals it).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import struct
@@ -629,8 +630,7 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
                            "offset": block * vol.block_size, "from_version": version})
     store.read(scan)
     latest = {v.name: store.latest_version(v) for v in names.values()}
-    oldest = {v.name: min((i.version for i in store.versions(v)), default=0)
-              for v in names.values()}
+    existing = {v.name: [i.version for i in store.versions(v)] for v in names.values()}
     by_name = {v.name: v for v in names.values()}
     for d in report.damaged:
         uses = []
@@ -644,11 +644,13 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
                 uses.append(use)
                 continue  # the block's other entries lie behind known damage
             use["to_version"] = (nxt - 1) if nxt is not None else latest[vol.name]
-            if use["to_version"] < oldest[vol.name]:
+            # Entries stay under the numbers of the pruned versions they were written in
+            # (see reclaim._merge_step): name the versions that exist.
+            numbers = existing[vol.name]
+            first = bisect.bisect_left(numbers, use["from_version"])
+            if first == len(numbers) or numbers[first] > use["to_version"]:
                 continue  # shown by no version that is left
-            # The oldest version keeps its entries under the numbers of the pruned versions
-            # they were written in: name the versions that exist.
-            use["from_version"] = max(use["from_version"], oldest[vol.name])
+            use["from_version"] = numbers[first]
             if nxt is None or nxt > latest[vol.name]:
                 d.heal_from_source = True
             uses.append(use)

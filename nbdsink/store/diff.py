@@ -1,10 +1,10 @@
 """Which blocks can differ between two versions, known from the store's change lists alone:
 what ``restore --assume`` writes, without comparing the digests of every block.
 
-A block can differ between versions M < N of one volume only if some version in (M, N] has a
-map entry for it: each version's map entries are listed in ``changes`` (pruning a version
-moves its entries, and their listing, into the next one, or drops the ones the next one
-shadows, so the listing in (M, N] stays complete). For a clone, against the version of its
+A block can differ between versions M < N of one volume only if some version number in
+(M, N] has a map entry for it: each map entry is listed in ``changes`` under its version's
+number (pruning a version leaves its entries, and their listing, under its number, and drops
+those the next version shadows, so the listing of the numbers in (M, N] stays complete). For a clone, against the version of its
 base volume it was made from, the blocks are those the clone ever wrote.
 """
 
