@@ -37,6 +37,8 @@ from nbdsink.store.store import (
 
 DEFAULT_BATCH_BYTES = 64 << 20
 MAX_BATCH_AGE = 10.0
+"""Seconds an unsaved batch may wait before it is saved even while writes go on. This bounds
+how long a writer relies on a chunk it took as stored (see GARBAGE_GRACE_SECONDS)."""
 
 _READ_TURN = threading.Lock()
 """NBD reads of this process take turns, a whole request at a time.
@@ -46,9 +48,6 @@ reading at once (nbdkit runs several per connection, and clients open several co
 trade the GIL at every one of those calls, a futex hand-over each: four threads read 2.4 times
 slower than one. Waiting here instead, outside the GIL, they hand over once per request.
 Nothing is lost: the work this serialises never ran in parallel."""
-"""Seconds an unsaved batch may wait before it is saved even while writes go on. This bounds
-how long a writer relies on a chunk it took as stored (see GARBAGE_GRACE_SECONDS)."""
-
 
 
 @dataclass
