@@ -47,7 +47,10 @@ A read is Python work under the GIL between LMDB calls, each of which lets the G
 reading at once (nbdkit runs several per connection, and clients open several connections)
 trade the GIL at every one of those calls, a futex hand-over each: four threads read 2.4 times
 slower than one. Waiting here instead, outside the GIL, they hand over once per request.
-Nothing is lost: the work this serialises never ran in parallel."""
+From the page cache nothing is lost: the copies and checks this serialises run under the GIL
+anyway. From disk, the page faults LMDB takes with the GIL released no longer overlap: a full
+read of a 512 MiB version just after a restart took 0.62-0.76 s with this lock, 0.55-0.70 s
+without (three runs each; readahead does most of the work)."""
 
 
 @dataclass
