@@ -1060,14 +1060,20 @@ class Store:
         todo = self.read(missing)
         if not todo:
             return {}
+        located: dict[bytes, Location] = {}
         with self.segments.write_lock:
-            sid = self._active_segment()
-            items = [(d, chunks[d]) for d in todo]
-            used = self.segments.write(sid, items, replace=frozenset(damaged))
-            located = {d: Location(sid, len(c) - HEADER_SIZE, checksum(memoryview(c)[HEADER_SIZE:]))
-                       for d, c in items}
-            if used >= self.segments.segment_bytes:
-                self._seal(sid)
+            # A segment's map has room for a full segment and one segment's worth more (see
+            # SegmentSet._map_size), so a batch larger than a segment goes in parts, each
+            # durable before the next: writes that piled up while saves failed (a full disk,
+            # say) would otherwise fill the map, and fail every save after, for good.
+            for part in _parts(todo, chunks, self.segments.segment_bytes):
+                sid = self._active_segment()
+                used = self.segments.write(sid, part, replace=frozenset(damaged))
+                located.update((d, Location(sid, len(c) - HEADER_SIZE,
+                                            checksum(memoryview(c)[HEADER_SIZE:])))
+                               for d, c in part)
+                if used >= self.segments.segment_bytes:
+                    self._seal(sid)
         return located
 
     def _active_segment(self, role: bytes = b"active_segment") -> int:
@@ -1296,6 +1302,23 @@ def _data_check(stored: memoryview | bytes, tail: memoryview | bytes | None) -> 
     h.update(memoryview(stored)[HEADER_SIZE:])
     h.update(tail)
     return int(h.intdigest())
+
+
+def _parts(digests: list[bytes], chunks: Mapping[bytes, bytearray | bytes], most: int
+           ) -> Iterator[list[tuple[bytes, bytearray | bytes]]]:
+    """``(digest, chunk)`` of ``digests`` in consecutive groups of at most ``most`` bytes
+    (at least one chunk each)."""
+    part: list[tuple[bytes, bytearray | bytes]] = []
+    size = 0
+    for d in digests:
+        chunk = chunks[d]
+        if part and size + len(chunk) > most:
+            yield part
+            part, size = [], 0
+        part.append((d, chunk))
+        size += len(chunk)
+    if part:
+        yield part
 
 
 def _u32(n: int) -> bytes:

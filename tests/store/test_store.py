@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 from pathlib import Path
 
@@ -367,3 +368,26 @@ def test_the_spellings_that_are_accepted() -> None:
     assert parse_export_name("vol;consistency=frozen;x=y").attributes == {
         "consistency": "frozen", "x": "y"}
     assert parse_export_name("vol@2026-11-21T10:00:00+14:00").kind == "time"
+
+
+def test_a_batch_larger_than_a_segment_map_holds_is_saved(tmp_path: Path) -> None:
+    """Writes that piled up in memory (while saves failed on a full disk, say) are saved in
+    parts once they can be: one segment's map could not hold them all."""
+    store = Store(tmp_path / "s", create=True, segment_bytes=8 << 20)
+    size = 288 << 20  # more than a segment's map (256 MiB at least)
+    store.create_volume("big", size, 65536)
+    head = Head(store, store.volume("big"), batch_bytes=1 << 30)
+    piece = 32 << 20
+    written = b""
+    for off in range(0, size, piece):
+        data = os.urandom(piece)
+        head.write(memoryview(data), off)
+        written += data
+    info = head.commit()
+    assert info is not None and info.blocks_changed == size // 65536
+    buf = bytearray(size)
+    from nbdsink.store.head import read_into
+
+    read_into(store, store.volume("big"), info.version, memoryview(buf), 0)
+    assert buf == written
+    store.close()
