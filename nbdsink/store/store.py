@@ -1062,11 +1062,13 @@ class Store:
             return {}
         located: dict[bytes, Location] = {}
         with self.segments.write_lock:
-            # A segment's map has room for a full segment and one segment's worth more (see
-            # SegmentSet._map_size), so a batch larger than a segment goes in parts, each
-            # durable before the next: writes that piled up while saves failed (a full disk,
-            # say) would otherwise fill the map, and fail every save after, for good.
-            for part in _parts(todo, chunks, self.segments.segment_bytes):
+            # A segment's map has room for four segments' worth (SegmentSet._map_size), and
+            # a segment takes chunks until it holds one: a batch larger than two goes in
+            # parts, each durable before the next. Writes that piled up while saves failed
+            # (a full disk, say) would otherwise fill the map, and fail every save after,
+            # for good. A batch of the usual size (a little over one segment's worth, at
+            # most) stays one commit.
+            for part in _parts(todo, chunks, 2 * self.segments.segment_bytes):
                 sid = self._active_segment()
                 used = self.segments.write(sid, part, replace=frozenset(damaged))
                 located.update((d, Location(sid, len(c) - HEADER_SIZE,

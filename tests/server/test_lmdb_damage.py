@@ -357,10 +357,11 @@ def test_a_bookkeeping_page(base: Base, copy: Path, serve: Callable[[], ServerPr
     data = lm.main_file(copy)
     page = lm.find_pages(data, "segments", "leaf")[0]
     lm.zero_page(data, page.pgno)
+    before = sorted(p.name for p in (copy / "segments").glob("*.mdb"))
+    assert len(before) >= 2
     code, _, text = verify(copy)
     assert code == 1 and "database segments" in text, text
     srv = serve()
     assert check_reads(srv, base, lambda *_: False) == 0
     assert_read_only(srv, base)
-    assert sorted(p.name for p in (copy / "segments").glob("*.mdb")) == [
-        "00000001.mdb", "00000002.mdb", "00000003.mdb"]
+    assert sorted(p.name for p in (copy / "segments").glob("*.mdb")) == before
