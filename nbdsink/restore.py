@@ -290,12 +290,9 @@ class LocalSource(Source):
 
         def fill(r: Reading) -> None:
             count = -(-len(buf) // bs)
-            for i, digest in enumerate(store.block_digests(r, volume, version, first, count)):
-                piece = buf[i * bs : (i + 1) * bs]
-                if digest is None:
-                    piece[:] = bytes(len(piece))
-                else:
-                    store.copy_chunk(r, digest, piece, 0)
+            store.copy_blocks(r, store.block_digests(r, volume, version, first, count),
+                              buf, 0, bs)
+
         store.read(fill)
 
 

@@ -20,7 +20,7 @@ import functools
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -472,11 +472,11 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
     # One cursor per database: consecutive lookups mostly land on the leaf page of the one
     # before, where LMDB looks first (measured: an eighth less time than lookups from the
     # root).
-    cursors = {id(db): r.txn.cursor(db=db) for db in (store._map, store._changes)}
+    map_entries, change_records = r.txn.cursor(db=store._map), r.txn.cursor(db=store._changes)
 
-    def has(key: bytes, db: Any) -> bool:
+    def has(key: bytes, cursor: Any) -> bool:
         try:
-            return bool(cursors[id(db)].set_key(key))
+            return bool(cursor.set_key(key))
         except StoreDamaged:
             return True  # behind known damage: the structural report covers it
 
@@ -489,7 +489,7 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
         if len(k) != keys.MAP_KEY_SIZE:
             continue
         _, block, version = keys.unpack_map_key(k)
-        if not has(keys.change_key(vid, version, block), store._changes):
+        if not has(keys.change_key(vid, version, block), change_records):
             bad.setdefault(block, f"a map entry of version {version} has no change record")
     for k, _ in _scan(r, store._changes, prefix):
         if k[:4] != prefix:
@@ -497,7 +497,7 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
         if len(k) != keys.MAP_KEY_SIZE:
             continue
         _, version, block = keys.unpack_change_key(k)
-        if not has(keys.map_key(vid, block, version), store._map):
+        if not has(keys.map_key(vid, block, version), map_entries):
             bad.setdefault(block, f"version {version} changed it, but its map entry is gone")
     for block, problem in sorted(bad.items()):
         low = keys.map_key(vid, block, (1 << 64) - 1)  # the block's first key, any version
@@ -534,10 +534,7 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
         if wanted is not None:
             found = [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
             return [(d, loc.segment, loc.length, loc.check, loc.flags) for d, loc in found]
-        # Plain tuples: a Location per chunk cost a twentieth of verify --full.
-        return [(d, *_unpack_index(raw)) if len(raw) == _INDEX_SIZE
-                else (d, *astuple(Location.decode(raw)))  # raises: a damaged entry
-                for d, raw in _scan(r, store._index)]
+        return [_indexed(d, raw) for d, raw in _scan(r, store._index)]
     chunks = store.read(listing)
     listed.update(c[0] for c in chunks)
     total = sum(c[2] for c in chunks) if full else len(chunks)
@@ -564,6 +561,15 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
             progress(done, total)
     if full:
         report.bytes_checked = done
+
+
+def _indexed(digest: bytes, raw: Any) -> _Indexed:
+    """An index entry as a plain tuple (a Location per chunk cost a twentieth of verify
+    --full); one of the wrong size raises as Location.decode does."""
+    if len(raw) != _INDEX_SIZE:
+        Location.decode(raw)  # raises StoreDamaged, naming the size
+    segment, length, checksum, flags = _unpack_index(raw)
+    return digest, segment, length, checksum, flags
 
 
 def _listed(store: Store, r: Reading, digest: bytes, segment: int, report: VerifyReport) -> None:

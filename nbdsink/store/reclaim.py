@@ -192,12 +192,11 @@ def finish_pruning(store: Store) -> int:
     Tombstones are finished in version order, so a version's merge always sees the ones
     below it done (a step re-checks that in its own transaction, so two processes finishing
     at once stay correct)."""
-    todo = store.read(lambda r: [
-        (keys.unpack_version_key(bytes(k)), json.loads(bytes(v))["into"])
-        for k, v in r.txn.cursor(db=store._pruning)])
-    for (vid, version), into in todo:
+    todo = store.read(lambda r: [keys.unpack_version_key(bytes(k))
+                                 for k, _ in r.txn.cursor(db=store._pruning)])
+    for vid, version in todo:
         after = [0]
-        while not _merge_step(store, vid, version, into, after):
+        while not _merge_step(store, vid, version, after):
             pass
     return len(todo)
 
@@ -225,7 +224,7 @@ def _above(store: Store, txn: lmdb.Transaction, vid: int, version: int) -> int |
     return min((v for v in found if v is not None), default=None)
 
 
-def _merge_step(store: Store, vid: int, version: int, into: int, after: list[int]) -> bool:
+def _merge_step(store: Store, vid: int, version: int, after: list[int]) -> bool:
     """One transaction of finishing ``version``'s tombstone; True when done.
 
     A pruned version's entries stay under its number: an entry is what every version at or
