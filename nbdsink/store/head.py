@@ -26,6 +26,7 @@ import lmdb
 from nbdsink.metrics import INGEST_BYTES
 from nbdsink.store.chunks import HEADER_SIZE, encode_chunk
 from nbdsink.store.chunks import digest as chunk_digest
+from nbdsink.store.errors import StoreError
 from nbdsink.store.segments import SegmentGone
 from nbdsink.store.store import (
     PendingCounters,
@@ -36,6 +37,18 @@ from nbdsink.store.store import (
 )
 
 DEFAULT_BATCH_BYTES = 64 << 20
+UNSAVED_BATCHES = 4
+"""The most a head keeps unsaved, in batches: past it, writes are refused until a save works.
+
+Unsaved writes pile up only while saves fail (a full disk; the failed batch goes back in
+memory, in front of the newer writes). Without a bound, a client writing on through the
+errors would grow the server until the kernel killed it, with every client's connection.
+Past the bound a write first tries to save; when that fails too, the write fails with its
+error (ENOSPC for a full disk) and is not kept. Once there is room again, the next write's
+save works and writes go on by themselves."""
+SAVE_RETRY_SECONDS = 1.0
+"""After a failed save, how long writes wait before one of them tries again (each try writes
+up to a whole batch before it fails: one per write would make a full disk also a slow one)."""
 MAX_BATCH_AGE = 10.0
 """Seconds an unsaved batch may wait before it is saved even while writes go on. This bounds
 how long a writer relies on a chunk it took as stored (see GARBAGE_GRACE_SECONDS)."""
@@ -51,6 +64,11 @@ From the page cache nothing is lost: the copies and checks this serialises run u
 anyway. From disk, the page faults LMDB takes with the GIL released no longer overlap: a full
 read of a 512 MiB version just after a restart took 0.62-0.76 s with this lock, 0.55-0.70 s
 without (three runs each; readahead does most of the work)."""
+
+
+class UnsavedLimit(StoreError):
+    """A write refused because too much is unsaved and saving fails (the errno is that of the
+    failure: ENOSPC for a full disk)."""
 
 
 @dataclass
@@ -187,6 +205,8 @@ class Head:
         self.store = store
         self.volume = volume
         self.batch_bytes = batch_bytes
+        self.max_unsaved_bytes = UNSAVED_BATCHES * batch_bytes
+        self.max_unsaved_blocks = UNSAVED_BATCHES * max(1024, batch_bytes // volume.block_size)
         self.gate = gate or DedupGate()
         # _lock guards the batches and makes read-modify-write of a partial block atomic;
         # _save_lock keeps saves and commits in order, one at a time.
@@ -194,6 +214,8 @@ class Head:
         self._save_lock = threading.Lock()
         self._filling = Batch()
         self._saving: Batch | None = None
+        # When the last save failed, and why (None: it worked).
+        self._failed: tuple[float, BaseException] | None = None
         self._counters = store.write(lambda txn: store.pending_counters(txn, volume))
         self.last_write = time.monotonic()
         zero = bytes(volume.block_size)
@@ -241,6 +263,10 @@ class Head:
         self._apply(offset, length, None)
 
     def _apply(self, offset: int, length: int, data: memoryview | None) -> None:
+        filling = self._filling
+        if (filling.nbytes >= self.max_unsaved_bytes
+                or len(filling.blocks) >= self.max_unsaved_blocks):
+            self._save_before_more()
         bs = self.volume.block_size
         size = self.volume.size
         whole: list[tuple[int, bytes | None, memoryview | None]] = []
@@ -281,8 +307,26 @@ class Head:
                     staged.append(self._modified_block(block, offset, end, data))
                 self._stage(staged)
                 full = self._filling.nbytes >= self.batch_bytes
-        if full:
+        if full and not self._failed_recently():
             self._save(only_if_full=True)
+
+    def _failed_recently(self) -> bool:
+        failed = self._failed
+        return failed is not None and time.monotonic() - failed[0] < SAVE_RETRY_SECONDS
+
+    def _save_before_more(self) -> None:
+        """Too much is unsaved (see :data:`UNSAVED_BATCHES`): save it, or refuse the write
+        that asked (it is not kept) with the error that keeps saves from working."""
+        failed = self._failed
+        if failed is None or not self._failed_recently():
+            self._save(only_if_full=False)
+            return
+        error = failed[1]
+        refused = UnsavedLimit(
+            f"{self._filling.nbytes >> 20} MiB of writes to {self.volume.name!r} are waiting "
+            f"to be saved and saving fails ({error}): this write is refused, not kept")
+        refused.errno = getattr(error, "errno", None) or refused.errno
+        raise refused from error
 
     def _digest(self, view: memoryview) -> bytes | None:
         """The block's digest, or None when it is all zeros (hashing tells us for free)."""
@@ -363,6 +407,7 @@ class Head:
             with self._lock:
                 self._counters = counters
                 self._saving = None
+                self._failed = None
 
     def _take_filling(self) -> Batch:
         batch = self._filling
@@ -398,11 +443,12 @@ class Head:
                     if attempt == 2:
                         raise
             raise AssertionError("unreachable")
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 batch.absorb(self._filling)
                 self._filling = batch
                 self._saving = None
+                self._failed = (time.monotonic(), exc)
             raise
 
     def commit(self, consistency: str = "none",
@@ -421,6 +467,7 @@ class Head:
             counters, info = self._write_batch(batch, make_version)
             with self._lock:
                 self._saving = None
+                self._failed = None
                 if info is not None:
                     self._counters = PendingCounters(version=info.version + 1)
                 else:

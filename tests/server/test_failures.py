@@ -184,6 +184,82 @@ def test_full_disk_gives_enospc_and_keeps_versions(small_fs: Path, tmp_path: Pat
         run_cli("versions", "vol", "--json", "--store", str(srv.store)).stdout)] == list(good)
 
 
+def nbdkit_rss(srv: ServerProcess) -> int:
+    """Resident bytes of the nbdkit process serving ``srv`` (a child of ``nbdsink serve``)."""
+    assert srv.proc is not None
+    pid = srv.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 1, children
+    for line in Path(f"/proc/{children[0]}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.root
+def test_writes_on_a_full_disk_stay_bounded_and_resume_when_room_returns(
+        small_fs: Path, tmp_path: Path) -> None:
+    """A client that writes on while the disk is full: the server keeps a bounded amount of
+    it in memory and refuses the rest with ENOSPC (before, it kept every write and grew until
+    the kernel killed it). Once the filesystem has room again, writing and FLUSH work, and
+    the new version holds every write the server acknowledged."""
+    srv = ServerProcess(small_fs / "store", tmp_path / "nbd.sock", "--batch-size", "1M",
+                        "--map-size", "1M")
+    run_cli("volume", "create", "vol", "--size", "64M", "--store", str(srv.store))
+    rng = random.Random(3)
+    model = bytearray(64 << 20)
+    unknown: set[int] = set()  # MiB steps whose write failed: their content is undefined
+    with srv:
+        h = connect(srv.uri("vol"))
+        step = 0
+        while True:
+            data = rng.randbytes(1 << 20)
+            try:
+                h.pwrite(data, (step % 64) << 20)
+            except nbd.Error as exc:
+                assert exc.errnum == errno.ENOSPC, exc
+                unknown.add(step % 64)
+                break
+            model[(step % 64) << 20 : ((step % 64) + 1) << 20] = data
+            step += 1
+            assert step < 64, "the disk never filled"
+        rss = nbdkit_rss(srv)
+        refused = 0
+        for i in range(1, 97):  # 96 MiB more, four times the filesystem
+            at = (step + i) % 64
+            data = rng.randbytes(1 << 20)
+            try:
+                h.pwrite(data, at << 20)
+            except nbd.Error as exc:
+                assert exc.errnum == errno.ENOSPC, exc
+                unknown.add(at)
+                refused += 1
+                continue
+            unknown.discard(at)
+            model[at << 20 : (at + 1) << 20] = data
+        grown = nbdkit_rss(srv) - rss
+        assert refused >= 80, refused
+        assert grown < 32 << 20, f"the server grew by {grown >> 20} MiB"
+        with pytest.raises(nbd.Error) as flush_failed:
+            h.flush()
+        assert flush_failed.value.errnum == errno.ENOSPC
+        assert srv.alive
+
+        # The administrator makes room: the server's next save works, writes go on.
+        subprocess.run(["mount", "-o", "remount,size=512m", str(small_fs)], check=True)
+        time.sleep(1.5)  # past the retry delay of a failed save
+        data = rng.randbytes(1 << 20)
+        h.pwrite(data, 0)
+        unknown.discard(0)
+        model[: 1 << 20] = data
+        h.flush()
+        image = connect(srv.uri("vol@latest")).pread(64 << 20, 0)
+        for at in range(64):
+            if at not in unknown:
+                assert image[at << 20 : (at + 1) << 20] == model[at << 20 : (at + 1) << 20], at
+        h.shutdown()
+
+
 def test_lmdb_map_grows_while_the_disk_has_room(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--map-size", "1M",
                         "--batch-size", "1M")
