@@ -111,7 +111,10 @@ def register(sub: Any) -> None:
                     "re-hash every chunk). Damaged chunks are quarantined (reads give EIO) "
                     "and listed with the volumes, versions and blocks that use them; they "
                     "heal when the same content is written again (replicate --once --verify "
-                    "from the source). Exit status 0: clean; 1: damage found; 2: usage.",
+                    "from the source). Of the whole store it also recounts the map entries "
+                    "using each chunk and sets a wrong reference count back (one too low "
+                    "would let garbage collection delete a chunk in use). "
+                    "Exit status 0: clean; 1: damage found; 2: usage.",
     )
     ver.add_argument("target", nargs="?", metavar="VOL[@N]",
                      help="one volume, or one version's chunks (default: the whole store)")

@@ -33,6 +33,7 @@ from nbdsink.store.lmdb_pages import MAIN_DB
 from nbdsink.store.lmdb_pages import Damage as PageDamage
 from nbdsink.store.store import (
     _INDEX_SIZE,
+    _REF,
     FLAG_DAMAGED,
     FLAG_NO_CHECKSUM,
     Location,
@@ -80,11 +81,16 @@ class VerifyReport:
     records: list[PageDamage] = field(default_factory=list)
     """Blocks whose map entries and change records disagree (see :func:`_cross_check`):
     kept away from like damaged pages once recorded."""
+    refs: list[str] = field(default_factory=list)
+    """Chunks whose reference count disagrees with the map entries using it (see
+    :func:`_check_refs`)."""
+    refs_repaired: int = 0
+    """How many of those counts were set back to the map's (then the store is safe again)."""
 
     @property
     def clean(self) -> bool:
         return (not self.damaged and not self.problems and not self.structural
-                and not self.records)
+                and not self.records and not self.refs)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +99,7 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked, "seconds": round(self.seconds, 3),
             "damaged_chunks": [d.to_json() for d in self.damaged],
             "damaged_records": [d.problem for d in self.records],
+            "damaged_refs": self.refs, "refs_repaired": self.refs_repaired,
             "problems": self.problems,
             "structure": {
                 "environments": self.structure.environments if self.structure else 0,
@@ -237,6 +244,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         # apart from one that is missing.
         with contextlib.suppress(StoreError):
             store.read(lambda r: _missing(store, r, used - listed, suspects))
+        _check_refs(store, report, walk)
     for digest, problem in suspects.items():
         # Quarantined, so reads give EIO without looking (a store whose main environment
         # is damaged is read-only: those chunks' lookups are refused by the guard instead).
@@ -408,7 +416,7 @@ def _segment_suspects(store: Store, sid: int, d: PageDamage | None,
 def _index_suspects(store: Store, d: PageDamage, suspects: dict[bytes, str]) -> None:
     """The chunks the map uses whose index entries lie behind damage ``d``."""
     def scan(r: Reading) -> set[bytes]:
-        return {bytes(v) for _, v in _scan(r, store._map)
+        return {bytes(v) for _, v in _scan(r.txn, store._map)
                 if len(v) == 32 and d.guards(bytes(v))}
     with contextlib.suppress(StoreError):
         for digest in store.read(scan):
@@ -480,7 +488,7 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
         except StoreDamaged:
             return True  # behind known damage: the structural report covers it
 
-    for k, v in _scan(r, store._map, prefix):
+    for k, v in _scan(r.txn, store._map, prefix):
         if k[:4] != prefix:
             break
         report.map_entries += 1
@@ -491,7 +499,7 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
         _, block, version = keys.unpack_map_key(k)
         if not has(keys.change_key(vid, version, block), change_records):
             bad.setdefault(block, f"a map entry of version {version} has no change record")
-    for k, _ in _scan(r, store._changes, prefix):
+    for k, _ in _scan(r.txn, store._changes, prefix):
         if k[:4] != prefix:
             break
         if len(k) != keys.MAP_KEY_SIZE:
@@ -507,10 +515,71 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
                                          guard_low=low, guard_high=high))
 
 
-def _scan(r: Reading, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
+def _check_refs(store: Store, report: VerifyReport,
+                walk: structure.StructureReport | None) -> None:
+    """Every chunk's reference count equals the number of map entries that use it.
+
+    Garbage collection deletes a chunk once its count reaches zero: a count too low (a
+    damaged page, a bit flipped) would let it delete a chunk that versions still use, and a
+    count too high keeps its space for ever. The counts are derived data, so a wrong one is
+    set back to the map's, in one write transaction that counts again (a server may have
+    written meanwhile). Not when the map itself is in doubt (damaged pages, or entries and
+    change records that disagree): counting a damaged map could lower a count that is right.
+    """
+    if walk is not None and any(f.segment is None for f in walk.damaged):
+        report.problems.append("reference counts not checked: the main environment is "
+                               "damaged (garbage collection stops while the store is "
+                               "read-only)")
+        return
+
+    def count_uses(txn: Any, only: set[bytes] | None = None) -> dict[bytes, int]:
+        uses: dict[bytes, int] = {}
+        for _, value in _scan(txn, store._map):
+            if len(value):
+                digest = bytes(value)
+                if only is None or digest in only:
+                    uses[digest] = uses.get(digest, 0) + 1
+        return uses
+
+    def disagreeing(r: Reading) -> dict[bytes, tuple[int, int]]:
+        uses = count_uses(r.txn)
+        wrong: dict[bytes, tuple[int, int]] = {}
+        for digest, raw in _scan(r.txn, store._refs):
+            counted = _REF.unpack(raw)[0] if len(raw) == _REF.size else -1
+            used = uses.pop(digest, 0)
+            if counted != used:
+                wrong[digest] = (counted, used)
+        wrong.update((digest, (0, used)) for digest, used in uses.items())
+        return wrong
+
+    try:
+        wrong = store.read(disagreeing)
+    except StoreError as exc:
+        report.problems.append(f"reference counts not fully read: {exc}")
+        return
+    for digest, (counted, used) in sorted(wrong.items()):
+        danger = ("garbage collection could delete it while versions use it" if counted < used
+                  else "its space would never be reclaimed")
+        report.refs.append(f"chunk {digest.hex()}: reference count {counted}, used by {used} "
+                           f"map entries: {danger}")
+    if not wrong or report.records:
+        return
+
+    def repair(txn: Any) -> int:
+        uses = count_uses(txn, set(wrong))
+        for digest in wrong:
+            store.set_refs(txn, digest, uses.get(digest, 0))
+        return len(wrong)
+    try:
+        report.refs_repaired = store.write(repair)
+    except StoreError as exc:
+        report.problems.append(f"reference counts not repaired: {exc}")
+
+
+def _scan(txn: Any, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
     """Every record of ``db`` (from ``start`` on), leaving out the keys whose lookups could
     reach known structural damage: the scan resumes past each one's guarded range."""
-    cur = r.txn.cursor(db=db)
+    cur = txn.cursor(db=db)
     at = start
     while True:
         try:
@@ -534,7 +603,7 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
         if wanted is not None:
             found = [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
             return [(d, loc.segment, loc.length, loc.check, loc.flags) for d, loc in found]
-        return [_indexed(d, raw) for d, raw in _scan(r, store._index)]
+        return [_indexed(d, raw) for d, raw in _scan(r.txn, store._index)]
     chunks = store.read(listing)
     listed.update(c[0] for c in chunks)
     total = sum(c[2] for c in chunks) if full else len(chunks)
@@ -624,7 +693,7 @@ def _who_uses(store: Store, report: VerifyReport) -> None:
     names = {v.id: v for v in store.volumes()}
 
     def scan(r: Reading) -> None:
-        for k, v in _scan(r, store._map):
+        for k, v in _scan(r.txn, store._map):
             d = damaged.get(bytes(v)) if len(v) else None
             if d is None:
                 continue
@@ -689,6 +758,9 @@ def report_text(report: VerifyReport) -> str:
                      "  not in any volume's newest version: heals only if that content is "
                      "written again")
     lines.extend(f"problem: {p}" for p in report.problems)
+    lines.extend(f"damaged reference count: {p}" for p in report.refs)
+    if report.refs_repaired:
+        lines.append(f"repaired {report.refs_repaired} reference count(s) from the map")
     lines.extend(f"damaged record: {d.problem}; "
                  + ("reads of the block are refused" if d.db == "map" else "the store is "
                     "read-only") + " until it is restored" for d in report.records)

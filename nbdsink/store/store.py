@@ -1162,6 +1162,18 @@ class Store:
         else:
             txn.put(digest, _REF.pack(n - 1), db=self._refs)
 
+    def set_refs(self, txn: lmdb.Transaction, digest: bytes, count: int) -> None:
+        """Set ``digest``'s reference count to ``count`` (a repair: ``nbdsink verify``
+        recounts the map's entries). At zero the chunk becomes garbage, as when the last map
+        entry using it goes; above zero it is no longer garbage."""
+        if count > 0:
+            txn.put(digest, _REF.pack(count), db=self._refs)
+            txn.delete(digest, db=self._garbage)
+        else:
+            txn.delete(digest, db=self._refs)
+            if txn.get(digest, db=self._garbage) is None:
+                txn.put(digest, _TIME.pack(time.time()), db=self._garbage)
+
     def stage_blocks(self, txn: lmdb.Transaction, volume: VolumeInfo,
                      counters: PendingCounters,
                      blocks: Iterable[tuple[int, bytes | None]],
