@@ -170,7 +170,13 @@ def test_ctrl_c_stops_between_steps_and_the_store_still_closes(
             target.close()
 
     source = restore.LocalSource(store, f"vol@{v2}", "vol@1")
-    with pytest.raises(KeyboardInterrupt):
-        restore.run_local(whole(source), source)
+    # Python's own handler, whatever this process inherited: started in the background by a
+    # shell without job control, SIGINT is ignored, and so is the ^C this test sends.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            restore.run_local(whole(source), source)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert closed and len(calls) < BLOCKS // 2  # stopped early, DEST fsynced and closed
     store.close()  # no read was left half-ended
