@@ -517,7 +517,8 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
 
 def _check_refs(store: Store, report: VerifyReport,
                 walk: structure.StructureReport | None) -> None:
-    """Every chunk's reference count equals the number of map entries that use it.
+    """Every chunk's reference count equals the number of map entries that use it, and
+    every chunk nothing uses is garbage.
 
     Garbage collection deletes a chunk once its count reaches zero: a count too low (a
     damaged page, a bit flipped) would let it delete a chunk that versions still use, and a
@@ -544,6 +545,12 @@ def _check_refs(store: Store, report: VerifyReport,
     def disagreeing(r: Reading) -> dict[bytes, tuple[int, int]]:
         uses = count_uses(r.txn)
         wrong: dict[bytes, tuple[int, int]] = {}
+        # A chunk nothing uses is garbage (collected after a grace period); one that is not
+        # would keep its space for ever.
+        for digest, _ in _scan(r.txn, store._index):
+            if (digest not in uses and r.txn.get(digest, db=store._refs) is None
+                    and r.txn.get(digest, db=store._garbage) is None):
+                wrong[digest] = (0, 0)
         for digest, raw in _scan(r.txn, store._refs):
             counted = _REF.unpack(raw)[0] if len(raw) == _REF.size else -1
             used = uses.pop(digest, 0)
@@ -558,6 +565,10 @@ def _check_refs(store: Store, report: VerifyReport,
         report.problems.append(f"reference counts not fully read: {exc}")
         return
     for digest, (counted, used) in sorted(wrong.items()):
+        if counted == used:  # both 0
+            report.refs.append(f"chunk {digest.hex()}: unused, but not marked as garbage: "
+                               "its space would never be reclaimed")
+            continue
         danger = ("garbage collection could delete it while versions use it" if counted < used
                   else "its space would never be reclaimed")
         report.refs.append(f"chunk {digest.hex()}: reference count {counted}, used by {used} "
