@@ -31,6 +31,7 @@ from nbdsink.store.chunks import HEADER_SIZE
 from nbdsink.store.errors import StoreError, StoreFormatError, UnknownVolume
 from nbdsink.store.lmdb_pages import MAIN_DB
 from nbdsink.store.lmdb_pages import Damage as PageDamage
+from nbdsink.store.segments import SegmentGone
 from nbdsink.store.store import (
     _INDEX_SIZE,
     _REF,
@@ -243,7 +244,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         # Looked up one by one: an entry the listing skipped (behind known damage) is told
         # apart from one that is missing.
         with contextlib.suppress(StoreError):
-            store.read(lambda r: _missing(store, r, used - listed, suspects))
+            store.read(lambda r: _missing(store, r, used - listed, suspects, recount=True))
         _check_refs(store, report, walk)
     for digest, problem in suspects.items():
         # Quarantined, so reads give EIO without looking (a store whose main environment
@@ -452,14 +453,24 @@ def _map_digests(store: Store, r: Reading, *, volume: VolumeInfo, version: int |
 
 
 def _missing(store: Store, r: Reading, digests: Iterable[bytes],
-             suspects: dict[bytes, str]) -> None:
-    """Of ``digests`` (used by map entries), those the index does not have."""
+             suspects: dict[bytes, str], recount: bool = False) -> None:
+    """Of ``digests`` (used by map entries), those the index does not have.
+
+    ``recount``: ``digests`` were taken from an older snapshot than ``r``, and a server may
+    have pruned their last users and swept them since: only those the map of ``r`` still uses
+    are missing (one more walk of the map, only when some digest is not indexed)."""
+    absent: dict[bytes, str] = {}
     for d in digests:
         try:
             if store.locate(r, d) is None:
-                suspects[d] = "missing: a version uses it but the store has no such chunk"
+                absent[d] = "missing: a version uses it but the store has no such chunk"
         except StoreDamaged as exc:
-            suspects.setdefault(d, f"its index entry cannot be read: {exc}")
+            absent[d] = f"its index entry cannot be read: {exc}"
+    if recount and absent:
+        still = {bytes(v) for _, v in _scan(r.txn, store._map) if len(v) and bytes(v) in absent}
+        absent = {d: problem for d, problem in absent.items() if d in still}
+    for d, problem in absent.items():
+        suspects.setdefault(d, problem)
 
 
 def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyReport,
@@ -623,24 +634,83 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
     for i in range(0, len(chunks), batch):
         part = chunks[i : i + batch]
 
-        def check(r: Reading, part: list[_Indexed] = part) -> int:
-            n = 0
-            for digest, segment, length, checksum, flags in part:
-                if flags & FLAG_DAMAGED:
-                    suspects.setdefault(digest, "damaged (found earlier), not yet healed")
+        def check(r: Reading, part: list[_Indexed] = part) -> _BatchFound:
+            found = _BatchFound()
+            for entry in part:
+                _check_entry(store, r, entry, full, found)
+            return found
+
+        try:
+            found = store.read(check)
+        except StoreDamaged:
+            # A segment file is missing (Store.read gave up reading again): chunk by chunk,
+            # so that the other segments' chunks are checked and the missing ones are named.
+            found = _BatchFound()
+            for entry in part:
+                try:
+                    one = store.read(functools.partial(check, part=[entry]))
+                except StoreDamaged as exc:
+                    found.problems.append((entry[0], str(exc)))
                     continue
-                _listed(store, r, digest, segment, report)
-                problem = _check_one(store, r, digest, segment, length, checksum, flags, full)
-                if problem:
-                    suspects.setdefault(digest, problem)
-                n += length if full else 1
-            return n
-        done += store.read(check)
+                found.checked += one.checked
+                found.records += one.records
+                found.problems += one.problems
+        done += found.checked
+        report.records.extend(found.records)
+        for digest, problem in found.problems:
+            suspects.setdefault(digest, problem)
         report.chunks += len(part)
         if progress is not None:
             progress(done, total)
     if full:
         report.bytes_checked = done
+
+
+@dataclass
+class _BatchFound:
+    """What one batch of chunk checks found (applied once the batch has run through)."""
+
+    checked: int = 0
+    records: list[PageDamage] = field(default_factory=list)
+    problems: list[tuple[bytes, str]] = field(default_factory=list)
+
+
+def _check_entry(store: Store, r: Reading, entry: _Indexed, full: bool,
+                 found: _BatchFound) -> None:
+    """Check one chunk of the listing in snapshot ``r``.
+
+    The listing is an older snapshot than ``r``: a server may have compacted the chunk into
+    another segment since (the index and the segments' lists change in one transaction) or
+    swept it. What looks wrong is judged by ``r``'s own index entry, so that a live server's
+    upkeep is never taken for damage. A segment whose file went (compacted away after ``r``
+    began) raises SegmentGone: Store.read reads again, from a snapshot where the index has
+    moved on."""
+    digest, segment, length, checksum, flags = entry
+    if flags & FLAG_DAMAGED:
+        found.problems.append((digest, "damaged (found earlier), not yet healed"))
+        return
+    unlisted = _unlisted(store, r, digest, segment)
+    if unlisted and _moved(store, r, entry, full, found):
+        return
+    problem = _check_one(store, r, digest, segment, length, checksum, flags, full)
+    if problem and not unlisted and _moved(store, r, entry, full, found):
+        return
+    if unlisted:
+        found.records.append(unlisted)
+    if problem:
+        found.problems.append((digest, problem))
+    found.checked += length if full else 1
+
+
+def _moved(store: Store, r: Reading, entry: _Indexed, full: bool, found: _BatchFound) -> bool:
+    """Whether ``r``'s index entry for the chunk differs from the listing's (then that one is
+    checked instead, or nothing when it was swept)."""
+    now = _index_entry(store, r, entry[0])
+    if now == entry:
+        return False
+    if now is not None:
+        _check_entry(store, r, now, full, found)
+    return True
 
 
 def _indexed(digest: bytes, raw: Any) -> _Indexed:
@@ -652,21 +722,30 @@ def _indexed(digest: bytes, raw: Any) -> _Indexed:
     return digest, segment, length, checksum, flags
 
 
-def _listed(store: Store, r: Reading, digest: bytes, segment: int, report: VerifyReport) -> None:
+def _index_entry(store: Store, r: Reading, digest: bytes) -> _Indexed | None:
+    """``digest``'s index entry in this snapshot (None: not indexed, or behind known damage)."""
+    try:
+        raw = r.txn.get(digest, db=store._index)
+    except StoreDamaged:
+        return None
+    return None if raw is None else _indexed(digest, raw)
+
+
+def _unlisted(store: Store, r: Reading, digest: bytes, segment: int) -> PageDamage | None:
     """The segment's list of chunks (what compaction copies before it deletes the segment)
     holds every chunk the index places there: a damaged entry would let compaction delete
-    a chunk still in use. Recorded like damaged map records: the store is then read-only,
-    so nothing is compacted until it is restored."""
+    a chunk still in use. The damage to record when it does not (like damaged map records:
+    the store is then read-only, so nothing is compacted until it is restored)."""
     key = struct.pack(">I", segment) + digest
     try:
         if r.txn.get(key, db=store._seg_chunks) is not None:
-            return
+            return None
     except StoreDamaged:
-        return  # behind known damage: the structural report covers it
-    report.records.append(PageDamage(
+        return None  # behind known damage: the structural report covers it
+    return PageDamage(
         "seg_chunks", None, f"chunk {digest.hex()}: the index places it in segment "
         f"{segment}, whose list of chunks lacks it (a damaged page): compacting the "
-        "segment would lose it", key=key, guard_low=key, guard_high=key + b"\0"))
+        "segment would lose it", key=key, guard_low=key, guard_high=key + b"\0")
 
 
 def _check_one(store: Store, r: Reading, digest: bytes, segment: int, length: int,
@@ -676,6 +755,8 @@ def _check_one(store: Store, r: Reading, digest: bytes, segment: int, length: in
     else:
         try:
             stored, tail = r.segments.get(segment, digest)
+        except SegmentGone:
+            raise  # compacted away: the caller reads again
         except StoreError as exc:
             return f"segment {segment} unreadable: {exc}"
     if stored is None:

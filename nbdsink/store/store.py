@@ -113,6 +113,9 @@ MAX_VOLUME_NAME = 200
 MAX_VOLUME_SIZE = 1 << 60
 """Largest volume: 2^60 bytes (1 EiB), far below what keys and NBD's u64 sizes allow."""
 _VOLUME_NAME_FORBIDDEN = set("@/;\0")
+READ_AGAIN_LIMIT = 20
+"""Fresh snapshots a read takes when a segment it needs was compacted away meanwhile (one
+is nearly always enough: the next snapshot points to where its chunks moved)."""
 GARBAGE_GRACE_SECONDS = 120.0
 """A chunk without references is deleted only after this long. A writer that took it as
 stored (dedup) looked it up while it was referenced, and saves within MAX_BATCH_AGE of that:
@@ -613,8 +616,11 @@ class Store:
         """Run ``fn`` on one consistent :class:`Reading` of the store.
 
         A chunk whose segment was compacted away after this reading looked it up makes the
-        whole read start again, on a fresh snapshot (which points to where it moved).
+        whole read start again, on a fresh snapshot (which points to where it moved). A
+        segment still gone after READ_AGAIN_LIMIT fresh snapshots is missing (a file deleted
+        by hand, a lost directory entry): the read fails (EIO) rather than loop for ever.
         """
+        gone = 0
         while True:
             self._guard.enter()
             segments = SegmentReader(self.segments)
@@ -622,8 +628,12 @@ class Store:
                 return self._read_once(fn, segments)
             except lmdb.MapResizedError:
                 pass
-            except SegmentGone:
-                continue
+            except SegmentGone as exc:
+                gone += 1
+                if gone < READ_AGAIN_LIMIT:
+                    continue
+                raise StoreDamaged(f"{exc}, yet the index still points into it: its file is "
+                                   "missing, and its chunks are unreadable") from None
             except (StoreError, lmdb.Error) as exc:
                 # py-lmdb keeps a read transaction's reader slot until the object is freed,
                 # and the frames of this exception's traceback hold this read's transactions.

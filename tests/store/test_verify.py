@@ -311,3 +311,22 @@ def test_an_unused_chunk_left_out_of_garbage_is_found_and_collected(
     assert _read(store, "vol@2") == images[2]
     store.close()
     assert _cli("verify", "--full", "--store", str(path)).returncode == 0
+
+
+def test_a_segment_file_deleted_by_hand_gives_eio_not_a_hang(
+        written: tuple[Path, dict[int, bytes], list[bytes]]) -> None:
+    """Reads of chunks whose segment file is missing fail (EIO) after a few fresh snapshots
+    (a compaction elsewhere would have moved the index on), rather than loop for ever;
+    verify reports it."""
+    path = written[0]
+    (path / "segments" / "00000001.mdb").unlink()
+    store = Store(path)
+    with pytest.raises(StoreError, match="missing"):
+        _read(store, "vol@1", 0, BS)
+    store.close()
+    found = _cli("verify", "--json", "--store", str(path))
+    assert found.returncode == 1, found.stdout + found.stderr
+    damaged = json.loads(found.stdout)["damaged_chunks"]
+    # Every chunk of the volume was in segment 1: each is named, with the blocks using it.
+    assert len(damaged) == BLOCKS + 1
+    assert all("segment 1 is gone" in d["problem"] and d["uses"] for d in damaged)
