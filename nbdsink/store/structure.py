@@ -222,6 +222,8 @@ def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
         if sid is not None and path.stat().st_size == 0:
             continue  # created by a crash before its first commit: nothing in it
         found = _check_pinned(path, sid, pin)
+        if sid is not None and found.problems and not path.exists():
+            continue  # compacted away (and deleted) between the two looks: not damage
         report.environments += 1
         report.pages += found.pages_walked
         finding = EnvFinding(name, str(path.relative_to(store_dir)), sid,
