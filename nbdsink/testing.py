@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 
@@ -112,3 +115,16 @@ def _accepts(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def write_random_blocks(client: Any, rng: random.Random, model: bytearray, block_size: int,
+                        count: int, shared: Sequence[bytes]) -> None:
+    """``count`` writes of one whole block each, at random blocks of ``model``'s size, through
+    ``client`` (anything with ``pwrite(data, offset)``: an ``nbd.NBD`` handle), and the same
+    into ``model``. Three in ten write content from ``shared``, so that chunks are used by
+    several blocks and versions (deduplicated, counted more than once)."""
+    for _ in range(count):
+        block = rng.randrange(len(model) // block_size)
+        data = rng.choice(shared) if rng.random() < 0.3 else rng.randbytes(block_size)
+        client.pwrite(data, block * block_size)
+        model[block * block_size : (block + 1) * block_size] = data

@@ -22,7 +22,7 @@ from pathlib import Path
 import nbd
 
 from nbdsink.store import Store
-from nbdsink.testing import ServerProcess, run_cli
+from nbdsink.testing import ServerProcess, run_cli, write_random_blocks
 
 BS = 16384
 SIZE = 8 << 20
@@ -78,11 +78,7 @@ def test_kill9_of_the_server_during_background_prune_sweep_and_compaction(tmp_pa
                 h = nbd.NBD()
                 h.connect_uri(srv.uri("vol"))
                 while True:
-                    for _ in range(rng.randint(20, 120)):
-                        b = rng.randrange(SIZE // BS)
-                        data = rng.choice(pool) if rng.random() < 0.3 else rng.randbytes(BS)
-                        h.pwrite(data, b * BS)
-                        model[b * BS : (b + 1) * BS] = data
+                    write_random_blocks(h, rng, model, BS, rng.randint(20, 120), pool)
                     expected[version] = hashlib.sha256(model).hexdigest()
                     h.flush()
                     acknowledged.add(version)

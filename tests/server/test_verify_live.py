@@ -16,7 +16,7 @@ from pathlib import Path
 import nbd
 
 from nbdsink.store import Store
-from nbdsink.testing import ServerProcess, run_cli
+from nbdsink.testing import ServerProcess, run_cli, write_random_blocks
 
 BS = 16384
 SIZE = 8 << 20
@@ -44,11 +44,7 @@ def test_verify_while_the_server_writes_prunes_and_compacts(tmp_path: Path) -> N
             model = bytearray(SIZE)
             version = 1
             while not stop.is_set():
-                for _ in range(rng.randint(20, 80)):
-                    b = rng.randrange(SIZE // BS)
-                    data = rng.choice(pool) if rng.random() < 0.3 else rng.randbytes(BS)
-                    h.pwrite(data, b * BS)
-                    model[b * BS : (b + 1) * BS] = data
+                write_random_blocks(h, rng, model, BS, rng.randint(20, 80), pool)
                 expected[version] = hashlib.sha256(model).hexdigest()
                 h.flush()
                 version += 1
