@@ -25,6 +25,13 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _socket_open(path: Path) -> bool:
+    """Whether a server accepts connections on the unix socket ``path``: the file appears at
+    bind(), before listen(), and a connection in between is refused."""
+    with socket.socket(socket.AF_UNIX) as s:
+        return s.connect_ex(str(path)) == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +55,7 @@ class Servers:
         """nbdkit on a unix socket; returns its ``nbd+unix`` URI (export "")."""
         sock = self.tmp / f"nbdkit{len(self.procs)}.sock"
         proc = self._spawn(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), *args])
-        _wait_for(proc, sock.exists, "nbdkit")
+        _wait_for(proc, lambda: _socket_open(sock), "nbdkit")
         return f"nbd+unix:///?socket={sock}"
 
     def nbdkit_tcp(self, *args: str) -> int:
@@ -65,7 +72,7 @@ class Servers:
         proc = self._spawn(
             ["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "-x", export, *args, str(image)]
         )
-        _wait_for(proc, sock.exists, "qemu-nbd")
+        _wait_for(proc, lambda: _socket_open(sock), "qemu-nbd")
         return f"nbd+unix:///{export}?socket={sock}"
 
     def stop(self) -> None:
