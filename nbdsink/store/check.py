@@ -467,7 +467,7 @@ def _missing(store: Store, r: Reading, digests: Iterable[bytes],
         except StoreDamaged as exc:
             absent[d] = f"its index entry cannot be read: {exc}"
     if recount and absent:
-        still = {bytes(v) for _, v in _scan(r.txn, store._map) if len(v) and bytes(v) in absent}
+        still = _map_uses(store, r.txn, set(absent))
         absent = {d: problem for d, problem in absent.items() if d in still}
     for d, problem in absent.items():
         suspects.setdefault(d, problem)
@@ -544,17 +544,8 @@ def _check_refs(store: Store, report: VerifyReport,
                                "read-only)")
         return
 
-    def count_uses(txn: Any, only: set[bytes] | None = None) -> dict[bytes, int]:
-        uses: dict[bytes, int] = {}
-        for _, value in _scan(txn, store._map):
-            if len(value):
-                digest = bytes(value)
-                if only is None or digest in only:
-                    uses[digest] = uses.get(digest, 0) + 1
-        return uses
-
     def disagreeing(r: Reading) -> dict[bytes, tuple[int, int]]:
-        uses = count_uses(r.txn)
+        uses = _map_uses(store, r.txn)
         wrong: dict[bytes, tuple[int, int]] = {}
         # A chunk nothing uses is garbage (collected after a grace period); one that is not
         # would keep its space for ever.
@@ -588,7 +579,7 @@ def _check_refs(store: Store, report: VerifyReport,
         return
 
     def repair(txn: Any) -> int:
-        uses = count_uses(txn, set(wrong))
+        uses = _map_uses(store, txn, set(wrong))
         for digest in wrong:
             store.set_refs(txn, digest, uses.get(digest, 0))
         return len(wrong)
@@ -596,6 +587,17 @@ def _check_refs(store: Store, report: VerifyReport,
         report.refs_repaired = store.write(repair)
     except StoreError as exc:
         report.problems.append(f"reference counts not repaired: {exc}")
+
+
+def _map_uses(store: Store, txn: Any, only: set[bytes] | None = None) -> dict[bytes, int]:
+    """How many map entries (every volume, every version) use each chunk (of ``only``)."""
+    uses: dict[bytes, int] = {}
+    for _, value in _scan(txn, store._map):
+        if len(value):
+            digest = bytes(value)
+            if only is None or digest in only:
+                uses[digest] = uses.get(digest, 0) + 1
+    return uses
 
 
 def _scan(txn: Any, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
@@ -652,9 +654,7 @@ def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: V
                 except StoreDamaged as exc:
                     found.problems.append((entry[0], str(exc)))
                     continue
-                found.checked += one.checked
-                found.records += one.records
-                found.problems += one.problems
+                found.absorb(one)
         done += found.checked
         report.records.extend(found.records)
         for digest, problem in found.problems:
@@ -673,6 +673,11 @@ class _BatchFound:
     checked: int = 0
     records: list[PageDamage] = field(default_factory=list)
     problems: list[tuple[bytes, str]] = field(default_factory=list)
+
+    def absorb(self, other: _BatchFound) -> None:
+        self.checked += other.checked
+        self.records += other.records
+        self.problems += other.problems
 
 
 def _check_entry(store: Store, r: Reading, entry: _Indexed, full: bool,

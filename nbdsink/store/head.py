@@ -307,21 +307,23 @@ class Head:
                     staged.append(self._modified_block(block, offset, end, data))
                 self._stage(staged)
                 full = self._filling.nbytes >= self.batch_bytes
-        if full and not self._failed_recently():
+        if full and self._recent_failure() is None:
             self._save(only_if_full=True)
 
-    def _failed_recently(self) -> bool:
+    def _recent_failure(self) -> BaseException | None:
+        """Why the last save failed, if it did less than SAVE_RETRY_SECONDS ago."""
         failed = self._failed
-        return failed is not None and time.monotonic() - failed[0] < SAVE_RETRY_SECONDS
+        if failed is not None and time.monotonic() - failed[0] < SAVE_RETRY_SECONDS:
+            return failed[1]
+        return None
 
     def _save_before_more(self) -> None:
         """Too much is unsaved (see :data:`UNSAVED_BATCHES`): save it, or refuse the write
         that asked (it is not kept) with the error that keeps saves from working."""
-        failed = self._failed
-        if failed is None or not self._failed_recently():
+        error = self._recent_failure()
+        if error is None:
             self._save(only_if_full=False)
             return
-        error = failed[1]
         refused = UnsavedLimit(
             f"{self._filling.nbytes >> 20} MiB of writes to {self.volume.name!r} are waiting "
             f"to be saved and saving fails ({error}): this write is refused, not kept")
