@@ -128,3 +128,16 @@ def write_random_blocks(client: Any, rng: random.Random, model: bytearray, block
         data = rng.choice(shared) if rng.random() < 0.3 else rng.randbytes(block_size)
         client.pwrite(data, block * block_size)
         model[block * block_size : (block + 1) * block_size] = data
+
+
+def upkeep_server(workdir: Path, size: int, block_size: int) -> ServerProcess:
+    """A server (not started) whose background upkeep works all the time: 1 MiB segments,
+    sealed, falling dead and compacted away within a second of writes; 256 KiB batches; and
+    volume "vol" of ``size`` bytes with the policy keep-last 3."""
+    from nbdsink.store import Store
+
+    Store(workdir / "store", create=True, segment_bytes=1 << 20).close()
+    srv = ServerProcess(workdir / "store", workdir / "nbd.sock", "--batch-size", "256K")
+    srv.create_volume("vol", size, block_size)
+    run_cli("volume", "set", "vol", "--keep-last", "3", "--store", str(srv.store))
+    return srv

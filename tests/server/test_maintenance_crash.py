@@ -21,8 +21,7 @@ from pathlib import Path
 
 import nbd
 
-from nbdsink.store import Store
-from nbdsink.testing import ServerProcess, run_cli, write_random_blocks
+from nbdsink.testing import ServerProcess, run_cli, upkeep_server, write_random_blocks
 
 BS = 16384
 SIZE = 8 << 20
@@ -45,10 +44,7 @@ def _sha_of(srv: ServerProcess, export: str) -> str:
 
 def test_kill9_of_the_server_during_background_prune_sweep_and_compaction(tmp_path: Path) -> None:
     rng = random.Random(1414)
-    Store(tmp_path / "store", create=True, segment_bytes=1 << 20).close()
-    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--batch-size", "256K")
-    srv.create_volume("vol", SIZE, BS)
-    run_cli("volume", "set", "vol", "--keep-last", "3", "--store", str(srv.store))
+    srv = upkeep_server(tmp_path, SIZE, BS)
     expected: dict[int, str] = {}  # version -> sha256 of the image flushed as that version
     acknowledged: set[int] = set()
     ever_listed: set[int] = set()

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import nbd
 
-from nbdsink.store import Store
-from nbdsink.testing import ServerProcess, run_cli, write_random_blocks
+from nbdsink.testing import run_cli, upkeep_server, write_random_blocks
 
 BS = 16384
 SIZE = 8 << 20
@@ -28,10 +27,7 @@ many times meanwhile (the server's log counts them)."""
 
 def test_verify_while_the_server_writes_prunes_and_compacts(tmp_path: Path) -> None:
     rng = random.Random(77)
-    Store(tmp_path / "store", create=True, segment_bytes=1 << 20).close()
-    srv = ServerProcess(tmp_path / "store", tmp_path / "nbd.sock", "--batch-size", "256K")
-    srv.create_volume("vol", SIZE, BS)
-    run_cli("volume", "set", "vol", "--keep-last", "3", "--store", str(srv.store))
+    srv = upkeep_server(tmp_path, SIZE, BS)
     expected: dict[int, str] = {}
     pool = [rng.randbytes(BS) for _ in range(6)]  # repeated content: shared chunks, counts > 1
     stop = threading.Event()
