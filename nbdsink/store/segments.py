@@ -56,8 +56,23 @@ class Segment:
     def __init__(self, sid: int, path: Path, map_size: int, create: bool) -> None:
         self.id = sid
         self.path = path
-        if not create and not path.exists():
-            raise SegmentGone(f"segment {sid} is gone")
+        # LMDB opens a data file with O_CREAT: a segment deleted (compacted away by a server
+        # in another process) between a look-up and this open would come back as a new,
+        # empty file, and its chunks would look missing, not gone. Holding the file open
+        # first tells the two apart.
+        pinned = None if create else _pin(sid, path)
+        try:
+            self._open(path, map_size, create, pinned)
+        finally:
+            if pinned is not None:
+                os.close(pinned)
+        self.page_size = int(self.env.stat()["psize"])
+        self.users = 0
+        self.retired = False
+        # Starts the disk on a commit's pages while LMDB still copies them (see writeback.py).
+        self.writeback = WritebackKicker(path)
+
+    def _open(self, path: Path, map_size: int, create: bool, pinned: int | None) -> None:
         try:
             # LMDB maps the whole map size: a tree page past the end of a truncated file
             # would be a SIGBUS in the reader that follows a pointer to it. Refused here, the
@@ -75,17 +90,21 @@ class Segment:
                                  create=create, metasync=False, sync=True, max_readers=512)
         except lmdb.Error as exc:
             if not path.exists():
-                raise SegmentGone(f"segment {sid} is gone") from None
+                raise SegmentGone(f"segment {self.id} is gone") from None
             raise StoreError(f"cannot open segment {path}: {exc}") from exc
+        if pinned is not None and not _same_file(pinned, path):
+            self.env.close()
+            _remove_recreated(path, pinned)
+            raise SegmentGone(f"segment {self.id} is gone (deleted while it was opened)")
+        if pinned is not None and not self.env.stat()["entries"]:
+            # No databases: a file a crash left before its first commit, or one that another
+            # reader's open recreated as above. No chunk the index places can be in it.
+            self.env.close()
+            raise SegmentGone(f"segment {self.id} holds no chunks (gone)")
         # A crash between creating the file and the first commit leaves a file without its
         # databases: nothing was ever stored in it, so creating them empty is the repair.
         self.chunks = self.env.open_db(b"chunks")
         self.tails = self.env.open_db(b"tails")
-        self.page_size = int(self.env.stat()["psize"])
-        self.users = 0
-        self.retired = False
-        # Starts the disk on a commit's pages while LMDB still copies them (see writeback.py).
-        self.writeback = WritebackKicker(path)
 
     def used_bytes(self) -> int:
         """Bytes of the file's pages in use (what a full segment is measured by)."""
@@ -95,6 +114,33 @@ class Segment:
     def close(self) -> None:
         self.writeback.close()
         self.env.close()
+
+
+def _pin(sid: int, path: Path) -> int:
+    """A descriptor of segment ``sid``'s data file as it is now (SegmentGone: none)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SegmentGone(f"segment {sid} is gone") from None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    pinned = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (pinned.st_dev, pinned.st_ino)
+
+
+def _remove_recreated(path: Path, pinned: int) -> None:
+    """Delete the empty file (and lock file) an open made in place of a deleted segment:
+    segment ids are never reused, so nothing will ever look for it again."""
+    if os.fstat(pinned).st_nlink:
+        return  # the segment file itself is still there under another name: leave it be
+    for p in (path, path.with_name(path.name + "-lock")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def copy_stored(stored: memoryview | bytes, tail: memoryview | bytes | None,

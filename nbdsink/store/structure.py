@@ -219,8 +219,11 @@ def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
     for name, path, sid in environments(Path(store_dir)):
         if not (main if sid is None else segments) or not path.exists():
             continue  # not asked for, or a segment compacted away meanwhile
-        if sid is not None and path.stat().st_size == 0:
-            continue  # created by a crash before its first commit: nothing in it
+        try:
+            if sid is not None and path.stat().st_size == 0:
+                continue  # created by a crash before its first commit: nothing in it
+        except FileNotFoundError:
+            continue  # compacted away (and deleted) since it was listed
         found = _check_pinned(path, sid, pin)
         if sid is not None and found.problems and not path.exists():
             continue  # compacted away (and deleted) between the two looks: not damage
@@ -257,8 +260,16 @@ def _open_and_pin(data_file: Path) -> Pinner:
     @contextlib.contextmanager
     def pin(sid: int | None) -> Iterator[int | None]:
         subdir = sid is None
-        env = lmdb.open(str(data_file.parent if subdir else data_file), subdir=subdir,
-                        readonly=True, create=False, max_dbs=0, readahead=False)
+        try:
+            env = lmdb.open(str(data_file.parent if subdir else data_file), subdir=subdir,
+                            readonly=True, create=False, max_dbs=0, readahead=False)
+        except lmdb.Error:
+            if not subdir and not data_file.exists():
+                # Compacted away since it was listed; LMDB made its lock file anew (it
+                # opens that one with O_CREAT even read-only): do not leave it behind.
+                with contextlib.suppress(FileNotFoundError):
+                    data_file.with_name(data_file.name + "-lock").unlink()
+            raise
         try:
             with env.begin() as txn:
                 yield int(txn.id())
