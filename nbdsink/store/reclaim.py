@@ -433,6 +433,11 @@ def punch_holes(store: Store, deadline: float | None = None) -> PunchReport:
                 ready.setdefault(sid, []).append(digest)
         return ready, forget
     ready, forget = store.read(scan)
+    if ready:
+        # The sweeps that unindexed these chunks must be durable before their pages go: after
+        # a power cut that undid a sweep, the index would hold a chunk whose data are zeros,
+        # and the next write of the same content would be taken as already stored.
+        store.sync()
     for sid, digests in ready.items():
         if deadline is not None and time.monotonic() > deadline:
             break
