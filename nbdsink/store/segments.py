@@ -61,6 +61,8 @@ class Segment:
         # empty file, and its chunks would look missing, not gone. Holding the file open
         # first tells the two apart.
         pinned = None if create else _pin(sid, path)
+        self.unnamed = create and not path.exists()
+        """Created here, and its directory entry not yet made durable (see SegmentSet.write)."""
         try:
             self._open(path, map_size, create, pinned)
         finally:
@@ -277,6 +279,15 @@ class SegmentSet:
                     raise
                 with seg.writeback.during():
                     txn.commit()
+                if seg.unnamed:
+                    # The commit made the file's data durable, not its name: a power cut
+                    # could leave the index pointing into a file the directory lost.
+                    try:
+                        _sync_dir(self.dir)
+                    except OSError as exc:
+                        raise StoreError(f"cannot make segment {sid}'s file durable: "
+                                         f"{exc}") from exc
+                    seg.unnamed = False
             except lmdb.MapFullError as exc:
                 raise StoreError(f"segment {sid} is full ({exc})") from exc
             except lmdb.Error as exc:
@@ -353,6 +364,14 @@ class SegmentReader:
             txn.abort()
             self.segments.release(seg)
         self._txns.clear()
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def disk_free(path: Path) -> int:

@@ -1,5 +1,7 @@
-"""A segment deleted (compacted away by a server in another process) while a reader opens
-it: LMDB opens data files with O_CREAT, so the open used to make a new, empty file in its
+"""Segment files: their names are made durable, and a segment deleted (compacted away by a
+server in another process) while a reader opens it is gone.
+
+Deleted while opened: LMDB opens data files with O_CREAT, so the open used to make a new, empty file in its
 place, and the reader found the chunks "missing" (verify then quarantined sound chunks)
 instead of reading again where the index had moved them."""
 
@@ -65,3 +67,20 @@ def test_an_intact_segment_reads(tmp_path: Path) -> None:
     reader = SegmentSet(store_dir)
     assert reader.read(sid, digest) == bytes(chunk)
     reader.close()
+
+
+def test_a_new_segment_file_name_is_made_durable_once(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(segments_module, "_sync_dir", synced.append)
+    segs = SegmentSet(tmp_path / "store")
+    segs.write(1, [(b"a" * 32, encode_chunk(b"a" * 4096))])
+    segs.write(1, [(b"b" * 32, encode_chunk(b"b" * 4096))])
+    assert synced == [segs.dir]  # the first commit into a new file, and only that one
+    segs.write(2, [(b"c" * 32, encode_chunk(b"c" * 4096))])
+    assert synced == [segs.dir, segs.dir]
+    segs.close()
+    reopened = SegmentSet(tmp_path / "store")
+    reopened.write(2, [(b"d" * 32, encode_chunk(b"d" * 4096))])  # an existing file: no sync
+    assert len(synced) == 2
+    reopened.close()
