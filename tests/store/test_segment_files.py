@@ -1,9 +1,9 @@
 """Segment files: their names are made durable, and a segment deleted (compacted away by a
 server in another process) while a reader opens it is gone.
 
-Deleted while opened: LMDB opens data files with O_CREAT, so the open used to make a new, empty file in its
-place, and the reader found the chunks "missing" (verify then quarantined sound chunks)
-instead of reading again where the index had moved them."""
+Deleted while opened: LMDB opens data files with O_CREAT, so the open used to make a new,
+empty file in its place, and the reader found the chunks "missing" (verify then quarantined
+sound chunks) instead of reading again where the index had moved them."""
 
 from __future__ import annotations
 
