@@ -207,13 +207,13 @@ def module_closure(k: Kernel, names: tuple[str, ...]) -> list[str]:
         order.append(path)
 
     for name in names:
-        path = by_name.get(name.replace("-", "_"))
-        if path is None:
+        module = by_name.get(name.replace("-", "_"))
+        if module is None:
             builtin = (k.modules / "modules.builtin").read_text()
             if f"/{name}.ko" in builtin:
                 continue
             raise VmError(f"kernel {k.release} has no module {name}")
-        visit(path)
+        visit(module)
     return order
 
 
