@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from nbdsink.server.session import Heads, Session
-from nbdsink.store import Store, check, reclaim
+from nbdsink.store import Store, check, holes, reclaim
 from nbdsink.store.chunks import digest
 from nbdsink.store.head import Head
 from nbdsink.store.retention import Policy
@@ -140,4 +142,35 @@ def test_a_chunk_that_came_back_to_its_segment_is_not_punched(tmp_path: Path) ->
     assert reclaim.punch_holes(store).chunks == 0
     assert _read(store, f"vol@{latest}") == b"".join(a)
     assert check.verify(store, full=True).clean
+    store.close()
+
+
+def test_the_sweep_is_durable_before_any_page_is_punched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main environment syncs its meta page per version, not per sweep: a power cut
+    during punching must not be able to undo the sweep that made the chunks dead (the index
+    would then hold chunks whose data are zeros, and a write of the same content would be
+    taken as stored). tests/vm/test_power_cut.py cuts the power after punching; this pins
+    the order the narrower window relies on."""
+    store = Store(tmp_path / "store", create=True, segment_bytes=2 << 20)
+    store.create_volume("vol", BLOCKS * BS, BS)
+    _write_all(store, [os.urandom(BS) for _ in range(BLOCKS)])
+    _write_all(store, [os.urandom(BS) for _ in range(BLOCKS)])
+    _prune_to_latest(store)
+    reclaim.seal_dirty(store, min_dead=0.0)
+    events: list[str] = []
+    real_sync, real_punch = store.sync, holes.punch
+
+    def sync() -> None:
+        events.append("sync")
+        real_sync()
+
+    def punch(fd: int, offset: int, length: int) -> bool:
+        events.append("punch")
+        return real_punch(fd, offset, length)
+
+    monkeypatch.setattr(store, "sync", sync)
+    monkeypatch.setattr(holes, "punch", punch)
+    assert reclaim.punch_holes(store).chunks == BLOCKS
+    assert "punch" in events and events[0] == "sync", events
     store.close()
