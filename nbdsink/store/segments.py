@@ -145,6 +145,11 @@ def _remove_recreated(path: Path, pinned: int) -> None:
     segment ids are never reused, so nothing will ever look for it again."""
     if os.fstat(pinned).st_nlink:
         return  # the segment file itself is still there under another name: leave it be
+    _remove_files(path)
+
+
+def _remove_files(path: Path) -> None:
+    """Delete a segment's data file and LMDB's lock file beside it (either may be gone)."""
     for p in (path, path.with_name(path.name + "-lock")):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -232,9 +237,7 @@ class SegmentSet:
         self._unlink(seg.id)
 
     def _unlink(self, sid: int) -> None:
-        for p in (self.path(sid), self.path(sid).with_name(self.path(sid).name + "-lock")):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        _remove_files(self.path(sid))
 
     def retire(self, sid: int) -> None:
         """``sid`` holds nothing the index points to any more: close and delete it once no
