@@ -364,6 +364,41 @@ def run(
         return VmResult(int(status), _read(share / "output"), _read(console))
 
 
+STORE_SERVER_STAGE = r"""
+# A program of the host's root, run in it with an ordinary environment (PID 1 has PATH=/bin).
+host() {
+    chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+        LANG=C.UTF-8 TMPDIR=/tmp "$@"
+}
+
+# -- the backup host: nbdsink serve on the store disk (/dev/vda)
+host modprobe -a virtio_blk nbd crc32c_generic ext4 || fail "modprobe"
+i=0
+until [ -b /newroot/dev/vda ]; do
+    i=$((i + 1)); [ $i -lt 100 ] || fail "no /dev/vda"; sleep 0.1
+done
+mkdir -p /newroot/srv/backup
+host mount /dev/vda /srv/backup || fail "cannot mount the store disk"
+host __NBDSINK__ serve --store /srv/backup/store --socket /run/nbdsink.sock \
+    > /newroot/run/nbdsink-serve.log 2>&1 &
+i=0
+until [ -S /newroot/run/nbdsink.sock ]; do
+    i=$((i + 1))
+    [ $i -lt 1200 ] || fail "nbdsink serve did not start: $(cat /newroot/run/nbdsink-serve.log)"
+    sleep 0.1
+done
+"""
+
+
+def store_server_stage() -> str:
+    """The start of a ``boot`` init for a backup host: ``host CMD`` runs CMD in the host root,
+    the first drive (ext4, the store in ``store/``) is mounted at ``/srv/backup``, and
+    ``nbdsink serve`` listens on ``/run/nbdsink.sock`` (its log in
+    ``/newroot/run/nbdsink-serve.log``)."""
+    nbdsink = REPO / ".venv" / "bin" / "nbdsink"
+    return STORE_SERVER_STAGE.replace("__NBDSINK__", shlex.quote(str(nbdsink)))
+
+
 _APPEND = "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off random.trust_cpu=on"
 """The kernel command line: the console on the serial port, a panic ends the boot at once."""
 

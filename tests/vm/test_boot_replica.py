@@ -42,7 +42,6 @@ import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import time
@@ -79,35 +78,12 @@ poweroff -f
 """.replace("__MARKER__", MARKER)
 
 # Sourced by the harness's initramfs as PID 1, with the host root at /newroot (see
-# harness.boot). The backup host's part runs inside /newroot; the initramfs's part runs in
-# the initramfs itself, as PID 1 must for switch_root.
+# harness.boot), after harness.store_server_stage() has started the backup host's server
+# inside /newroot; this, the initramfs's part, runs in the initramfs itself, as PID 1 must
+# for switch_root.
 DR_STAGE = r"""
-# A program of the host's root, run in it with an ordinary environment (PID 1 has PATH=/bin).
-host() {
-    chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 TMPDIR=/tmp "$@"
-}
-
 # Progress on the console, with the guest's uptime (where a slow boot spends its time).
 say() { echo "dr-stage: $* ($(cut -d ' ' -f 1 /newroot/proc/uptime)s)"; }
-
-# -- the backup host: nbdsink serve on the store disk (/dev/vda)
-host modprobe -a virtio_blk nbd crc32c_generic ext4 || fail "modprobe"
-i=0
-until [ -b /newroot/dev/vda ]; do
-    i=$((i + 1)); [ $i -lt 100 ] || fail "no /dev/vda"; sleep 0.1
-done
-mkdir -p /newroot/srv/backup
-host mount /dev/vda /srv/backup || fail "cannot mount the store disk"
-say "starting nbdsink serve"
-host __NBDSINK__ serve --store /srv/backup/store --socket /run/nbdsink.sock \
-    > /newroot/run/nbdsink-serve.log 2>&1 &
-i=0
-until [ -S /newroot/run/nbdsink.sock ]; do
-    i=$((i + 1))
-    [ $i -lt 1200 ] || fail "nbdsink serve did not start: $(cat /newroot/run/nbdsink-serve.log)"
-    sleep 0.1
-done
 say "the backup server listens"
 
 # -- the initramfs: the clone's head becomes the root device
@@ -253,10 +229,7 @@ def test_boot_a_clone_of_the_replica(tmp_path: Path) -> None:
 
     # The DR boot.
     nonce = secrets.token_hex(8)
-    nbdsink = harness.REPO / ".venv" / "bin" / "nbdsink"
-    stage = DR_STAGE.replace("__NBDSINK__", shlex.quote(str(nbdsink))).replace(
-        "__VOLUME__", "web01-dr"
-    )
+    stage = harness.store_server_stage() + DR_STAGE.replace("__VOLUME__", "web01-dr")
     boot_started = time.monotonic()
     console = harness.boot(stage, drives=[disk], append=f"replica.nonce={nonce}", timeout=300,
                            console_log=tmp_path / "console.log")  # fmt: skip

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -33,30 +32,6 @@ pytestmark = pytest.mark.root
 
 MIB = 1 << 20
 SIZE = 8 * MIB
-
-STAGE = r"""
-host() {
-    chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
-        LANG=C.UTF-8 TMPDIR=/tmp "$@"
-}
-host modprobe -a virtio_blk crc32c_generic ext4 || fail "modprobe"
-i=0
-until [ -b /newroot/dev/vda ]; do
-    i=$((i + 1)); [ $i -lt 100 ] || fail "no /dev/vda"; sleep 0.1
-done
-mkdir -p /newroot/srv/backup
-host mount /dev/vda /srv/backup || fail "cannot mount the store disk"
-host __NBDSINK__ serve --store /srv/backup/store --socket /run/nbdsink.sock \
-    > /newroot/run/nbdsink-serve.log 2>&1 &
-i=0
-until [ -S /newroot/run/nbdsink.sock ]; do
-    i=$((i + 1))
-    [ $i -lt 1200 ] || fail "nbdsink serve did not start: $(cat /newroot/run/nbdsink-serve.log)"
-    sleep 0.1
-done
-__WORK__
-echo b > /newroot/proc/sysrq-trigger
-"""
 
 FLUSHED = r"""
 host nbdcopy --flush /srv/backup/data.bin "nbd+unix:///vol?socket=/run/nbdsink.sock" \
@@ -89,8 +64,8 @@ def _boot(tmp_path: Path, backup: Path, work: str) -> str:
         f.truncate(256 * MIB)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(backup), str(disk)],
                    check=True, capture_output=True)  # fmt: skip
-    nbdsink = harness.REPO / ".venv" / "bin" / "nbdsink"
-    stage = STAGE.replace("__NBDSINK__", shlex.quote(str(nbdsink))).replace("__WORK__", work)
+    # The power goes at once: sysrq b neither syncs nor unmounts.
+    stage = harness.store_server_stage() + work + "echo b > /newroot/proc/sysrq-trigger\n"
     return harness.boot(stage, drives=[disk], timeout=300, console_log=tmp_path / "console.log")
 
 
