@@ -357,18 +357,17 @@ class _Walker:
             self.tree(name, record, integer_keys=bool(record.flags & MDB_INTEGERKEY))
         for raw in self.free_lists:
             self.free_list(raw)
-        both = neither = 0
-        first_both = None
-        for pgno in range(NUM_METAS, self.next_pgno):
-            if self.used[pgno]:
-                if self.freed[pgno]:
-                    both += 1
-                    first_both = pgno if first_both is None else first_both
-            elif not self.freed[pgno]:
-                neither += 1
-        report.free_pages = sum(self.freed)
-        report.leaked_pages = neither
+        # One byte per page, 1 where set (meta pages are never claimed nor listed free):
+        # counted by C loops, since a Python loop over every page of a large segment
+        # cost a fifth of the walk.
+        used, freed = self.used, self.freed
+        overlap = int.from_bytes(used, "little") & int.from_bytes(freed, "little")
+        both = overlap.bit_count()
+        report.free_pages = freed.count(1)
+        report.leaked_pages = (self.next_pgno - NUM_METAS - used.count(1) - report.free_pages
+                               + both)
         if both:
+            first_both = overlap.to_bytes(len(used), "little").find(1)
             report.damage.append(Damage(
                 FREE_DB, first_both, f"{both} page(s) in use are also listed as free: the "
                 "next write would overwrite them"))
@@ -509,6 +508,11 @@ class _Walker:
             self.damage(db, pgno, f"{n} nodes cannot fit the page", low, high)
             return None
         offsets = struct.unpack_from(f"<{n}H", buf, PAGE_HEADER)
+        if not integer_keys:
+            fast = _sound_nodes(buf, offsets, upper, psize, low, high, branch)
+            if fast is not None:
+                return fast
+        # The slow way, node by node: integer keys, or something is wrong (named here).
         for i, offset in enumerate(offsets):
             if offset < upper or offset + NODE_HEADER > psize:
                 self.damage(db, pgno, f"node {i} lies outside the page's node area", low, high)
@@ -569,6 +573,16 @@ class _Walker:
         self.spans.append((low, high, None))
         self.counts[1] += 1
         self.counts[3] += n
+        if db != FREE_DB:
+            # The two kinds of leaf nearly every page is (small records; a segment's chunks),
+            # checked without the general loop below.
+            kinds = {flags for _, _, flags, _ in nodes}
+            if kinds == {0} and max(offset + NODE_HEADER + len(key) + size
+                                    for offset, size, _, key in nodes) <= self.psize:
+                return  # small values, each inside the page: nothing more to check
+            if kinds == {F_BIGDATA}:
+                self.overflows(db, pgno, buf, nodes, depth)
+                return
         for i, (offset, size, flags, key) in enumerate(nodes):
             data = offset + NODE_HEADER + len(key)
             if flags & ~(F_BIGDATA | F_SUBDATA) or flags == F_BIGDATA | F_SUBDATA:
@@ -593,6 +607,36 @@ class _Walker:
                               DbRecord.unpack(value, 0)))
             elif db == FREE_DB:
                 self.free_lists.append(value)
+
+    def overflows(self, db: str, pgno: int, buf: bytes,
+                  nodes: list[tuple[int, int, int, bytes]], depth: int) -> None:
+        """Check a leaf of large values only (a segment's chunks): :meth:`overflow`'s checks
+        inlined for the value whose pages are plainly sound; any other goes through
+        :meth:`overflow`, which names what is wrong (or finds a punched hole). A walk of a
+        store of 64 KiB chunks took a fifth less time."""
+        psize, fd, used, next_pgno = self.psize, self.fd, self.used, self.next_pgno
+        unpack_pgno, unpack_head = _U64.unpack_from, _OVERFLOW_HEADER.unpack_from
+        pages = 0
+        for i, (offset, size, _, key) in enumerate(nodes):
+            data = offset + NODE_HEADER + len(key)
+            count = (PAGE_HEADER - 1 + size) // psize + 1
+            if data + 8 <= psize:
+                first = unpack_pgno(buf, data)[0]
+                if first >= NUM_METAS and first + count <= next_pgno:
+                    head = os.pread(fd, _OVERFLOW_HEADER.size, first * psize)
+                    if len(head) == _OVERFLOW_HEADER.size:
+                        stored, _, flags, run = unpack_head(head, 0)
+                        if (stored == first and flags == P_OVERFLOW and run == count
+                                and used.find(1, first, first + count) < 0):
+                            used[first : first + count] = b"\1" * count
+                            pages += count
+                            if self.collect:
+                                self.report.pages.append(Page(first, "overflow", db,
+                                                              depth + 1, None, None, key,
+                                                              count))
+                            continue
+            self.overflow(db, pgno, i, buf, data, size, depth, key, want=False)
+        self.counts[2] += pages
 
     def overflow(self, db: str, pgno: int, i: int, buf: bytes, data: int, size: int,
                  depth: int, key: bytes, want: bool) -> bytes | None:
@@ -654,6 +698,33 @@ class _Walker:
                             "range", None, None)
                 return
             self.freed[pgno] = 1
+
+
+def _sound_nodes(buf: bytes, offsets: tuple[int, ...], upper: int, psize: int,
+                 low: bytes | None, high: bytes | None, branch: bool
+                 ) -> list[tuple[int, int, int, bytes]] | None:
+    """A page's nodes as :meth:`_Walker.nodes` gives them, when every check passes (None
+    otherwise: the caller then goes node by node to name what is wrong). The same checks as
+    there, by whole-page C loops: ``min``/``max`` of the offsets and key ends, keys in
+    order by pairwise comparison, and only the outer keys against the page's range (keys in
+    order lie inside it when those do). A walk of 64 KiB chunks took a third less time."""
+    if min(offsets) < upper or max(offsets) + NODE_HEADER > psize:
+        return None
+    unpack_node = _NODE.unpack_from
+    heads = [unpack_node(buf, offset) for offset in offsets]
+    ends = [offset + NODE_HEADER + head[3] for offset, head in zip(offsets, heads, strict=True)]
+    if max(ends) > psize:
+        return None
+    keys = [buf[offset + NODE_HEADER : end] for offset, end in zip(offsets, ends, strict=True)]
+    # A branch page's first key is not used (see nodes()).
+    ordered = keys[1:] if branch else keys
+    if ordered:
+        if not all(map(bytes.__lt__, ordered, ordered[1:])):
+            return None
+        if (low is not None and ordered[0] < low) or (high is not None and ordered[-1] >= high):
+            return None
+    return [(offset, head[0] | head[1] << 16, head[2], key)
+            for offset, head, key in zip(offsets, heads, keys, strict=True)]
 
 
 def _less(a: bytes, b: bytes, integer_keys: bool) -> bool:

@@ -152,10 +152,41 @@ def _node_offsets_past_the_page(store: Path) -> tuple[Path, str, int]:
     return seg, "tails", page.pgno
 
 
+def _index_keys_swapped(store: Path) -> tuple[Path, str, int]:
+    """Two neighbouring nodes of an index leaf trade places: every node is inside the page
+    and every key is a real digest, only their order is wrong."""
+    data = lm.main_file(store)
+    page = lm.find_pages(data, "index", "leaf")[2]
+    offsets = lm.read_page(data, page.pgno)[16:20]
+    lm.write_at(data, page.pgno * lm.page_size(data) + 16, offsets[2:] + offsets[:2])
+    return data, "index", page.pgno
+
+
+def _segment_chunks_share_pages(store: Path) -> tuple[Path, str, int]:
+    """A chunk's overflow pointer is bent to its neighbour's pages (a header that reads
+    right, pages another pointer reaches too)."""
+    seg = lm.segment_file(store, 1)
+    leaf = lm.find_pages(seg, "chunks", "leaf")[1]
+    chunks = [p for p in lm.find_pages(seg, "chunks", "overflow")
+              if leaf.low is not None and p.key is not None and p.key >= leaf.low
+              and (leaf.high is None or p.key < leaf.high)]
+    lm.overflow_pointer(seg, leaf.pgno, 4, chunks[3].pgno)
+    return seg, "chunks", chunks[3].pgno
+
+
+def _segment_node_key_past_the_page(store: Path) -> tuple[Path, str, int]:
+    """The last node of a segment leaf says its key is longer than the page has room for."""
+    seg = lm.segment_file(store, 1)
+    leaf = lm.find_pages(seg, "chunks", "leaf")[0]
+    lm.write_at(seg, lm.node_offset(seg, leaf.pgno, 0) + 6, b"\xff\x0f")
+    return seg, "chunks", leaf.pgno
+
+
 @pytest.mark.parametrize("damage", [
     _zero_map_leaf, _scramble_map_branch, _redirect_map_pointer, _pointer_past_the_end,
     _scramble_free_list, _segment_overflow_count, _zero_segment_branch,
-    _node_offsets_past_the_page,
+    _node_offsets_past_the_page, _index_keys_swapped, _segment_chunks_share_pages,
+    _segment_node_key_past_the_page,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_each_kind_of_damage_is_found_where_it_is(copy: Path, damage: Damager) -> None:
     data_file, db, pgno = damage(copy)
