@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+import lmdb
 
 from nbdsink.store import keys, structure
 from nbdsink.store.chunks import HEADER_SIZE
@@ -604,6 +605,13 @@ def _scan(txn: Any, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes
     """Every record of ``db`` (from ``start`` on), leaving out the keys whose lookups could
     reach known structural damage: the scan resumes past each one's guarded range."""
     cur = txn.cursor(db=db)
+    if isinstance(cur, lmdb.Cursor):
+        # No damage is known in this database (the cursor is LMDB's own, unguarded): one C
+        # loop (a profile of verify --full: the scans took half as long as stepped one by one).
+        if cur.set_range(start) if start is not None else cur.first():
+            for key, value in cur.iternext():
+                yield bytes(key), value
+        return
     at = start
     while True:
         try:
