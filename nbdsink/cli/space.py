@@ -34,6 +34,13 @@ def _count(text: str) -> int:
     return n
 
 
+def _positive_int(text: str) -> int:
+    n = _count(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -121,6 +128,10 @@ def register(sub: Any) -> None:
     ver.add_argument("--full", action="store_true",
                      help="also read every chunk and check it against its digest (blake3)")
     ver.add_argument("--json", action="store_true", help="print a JSON report")
+    ver.add_argument("--jobs", type=_positive_int, metavar="N",
+                     help="worker processes that walk LMDB's pages and, with --full, re-hash "
+                          "the chunks (default: one per CPU, at most 8; 1: all in this "
+                          "process)")
     add_store_argument(ver)
     ver.set_defaults(func=cmd_verify)
 
@@ -316,7 +327,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # The walk of LMDB's pages comes before the store is opened: opening a damaged store
     # could crash where the walk reports.
     report = check.verify_store(store_path(args), volume, version, full=args.full,
-                                progress=progress)
+                                progress=progress, jobs=args.jobs)
     if show:
         print(file=sys.stderr)
     if args.json:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import operator
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,33 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
 import lmdb
 
-from nbdsink.store import keys, structure
-from nbdsink.store.chunks import HEADER_SIZE
+from nbdsink.store import keys, structure, workers
+from nbdsink.store.chunk_check import BatchFound, CheckPool, Indexed, check_batch, indexed
 from nbdsink.store.errors import StoreError, StoreFormatError, UnknownVolume
 from nbdsink.store.lmdb_pages import MAIN_DB
 from nbdsink.store.lmdb_pages import Damage as PageDamage
-from nbdsink.store.segments import SegmentGone
 from nbdsink.store.store import (
-    _INDEX_SIZE,
     _REF,
-    FLAG_DAMAGED,
-    FLAG_NO_CHECKSUM,
-    Location,
     Reading,
     Store,
     VolumeInfo,
-    _data_check,
-    _unpack_index,
 )
 from nbdsink.store.structure import StoreDamaged
 
 Progress = Callable[[int, int], None]
 """``progress(bytes_done, bytes_total)``."""
-_Indexed = tuple[bytes, int, int, int, int]
-"""An index entry, as verify goes through them: digest, segment, length, checksum, flags."""
 
 
 @dataclass
@@ -88,6 +79,8 @@ class VerifyReport:
     :func:`_check_refs`)."""
     refs_repaired: int = 0
     """How many of those counts were set back to the map's (then the store is safe again)."""
+    workers: int = 0
+    """Worker processes that re-hashed the chunks (0: this process did)."""
 
     @property
     def clean(self) -> bool:
@@ -102,7 +95,7 @@ class VerifyReport:
             "damaged_chunks": [d.to_json() for d in self.damaged],
             "damaged_records": [d.problem for d in self.records],
             "damaged_refs": self.refs, "refs_repaired": self.refs_repaired,
-            "problems": self.problems,
+            "problems": self.problems, "workers": self.workers,
             "structure": {
                 "environments": self.structure.environments if self.structure else 0,
                 "pages": self.structure.pages if self.structure else 0,
@@ -112,28 +105,39 @@ class VerifyReport:
 
 
 def verify_store(path: str | Path, volume: str | None = None, version: int | None = None,
-                 full: bool = False, progress: Progress | None = None) -> VerifyReport:
+                 full: bool = False, progress: Progress | None = None,
+                 jobs: int | None = None) -> VerifyReport:
     """``nbdsink verify``: walk LMDB's pages of every environment first (without LMDB, so
     that damage there is reported, never a crash), record what was found for servers, then
-    open the store, kept away from that damage, and :func:`verify` it."""
+    open the store, kept away from that damage, and :func:`verify` it.
+
+    ``jobs``: with ``full``, the chunks are checked by that many worker processes (default:
+    one per CPU, see :func:`workers.default_jobs`), and the walk of the environments is
+    shared among as many; 1, or a caller running other threads, does all in this
+    process."""
     path = Path(path)
     if not (path / "data.mdb").exists():
         raise StoreFormatError(f"no nbdsink store at {path}")
-    found = structure.check_store(path)
+    jobs = workers.default_jobs() if jobs is None else jobs
+    found = structure.check_store(path, jobs=jobs)
     unrecorded = None
     try:
         found = structure.save(path, found)
     except OSError as exc:  # a read-only copy, say: the report still says everything
         unrecorded = f"the structural findings could not be recorded for servers: {exc}"
-    try:
-        store = Store(path)
-    except StoreError as exc:  # unreadable, or damaged where opening must read
-        report = VerifyReport(full=full, structure=found)
-        report.problems.append(str(exc))
-        _structural(None, found, report, {})
-        return report
-    with store:
-        report = verify(store, volume, version, full, progress, walk=found)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if full and jobs > 1 and workers.can_fork():
+            # Before this process opens the store: the workers are forked.
+            pool = stack.enter_context(CheckPool(path, found, full, jobs))
+        try:
+            store = stack.enter_context(Store(path))
+        except StoreError as exc:  # unreadable, or damaged where opening must read
+            report = VerifyReport(full=full, structure=found)
+            report.problems.append(str(exc))
+            _structural(None, found, report, {})
+            return report
+        report = verify(store, volume, version, full, progress, walk=found, pool=pool)
     if unrecorded is not None:
         report.problems.append(unrecorded)
     elif volume is None and version is None:
@@ -189,14 +193,16 @@ def pinner(store: Store) -> structure.Pinner:
 
 def verify(store: Store, volume: str | None = None, version: int | None = None,
            full: bool = False, progress: Progress | None = None,
-           walk: structure.StructureReport | None = None) -> VerifyReport:
+           walk: structure.StructureReport | None = None,
+           pool: CheckPool | None = None) -> VerifyReport:
     """Check the store (or one volume, or one version's chunks); see the module docstring.
 
     ``walk``: the walk of LMDB's pages done before the store was opened
     (:func:`verify_store`). Its damage is kept away from (what it makes unreadable is
-    reported, and is not looked up), so nothing here reads a damaged page."""
+    reported, and is not looked up), so nothing here reads a damaged page. ``pool``:
+    worker processes that check the chunks (with the same walk)."""
     started = time.monotonic()
-    report = VerifyReport(full=full, structure=walk)
+    report = VerifyReport(full=full, structure=walk, workers=pool.jobs if pool else 0)
     suspects: dict[bytes, str] = {}
     if walk is not None:
         store.reload_damage(walk)
@@ -213,9 +219,13 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         volumes = []
     report.volumes = len(volumes)
     wanted: set[bytes] | None = None
-    # The whole store: every indexed chunk is listed below, so the digests the maps use
-    # are compared with that listing instead of each looked up.
+    # The whole store: every indexed chunk is listed, so the digests the maps use are
+    # compared with that listing instead of each looked up. It is listed first, so that
+    # worker processes check chunks while the maps are cross-checked here.
     whole = volume is None
+    checks: _ChunkChecks | StoreError | None = None
+    if whole:
+        checks = _start_chunks(store, None, full, pool)
     for v in volumes:
         try:
             if version is None:
@@ -234,11 +244,18 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
             digests = set()
         wanted = digests if wanted is None else wanted | digests
     used = wanted or set()
+    counted = None
     if whole:
         wanted = None  # the whole store: every indexed chunk
+        if walk is None or not any(f.segment is None for f in walk.damaged):
+            counted = _count_refs(store)  # while the workers, if any, check chunks
     listed: set[bytes] = set()
+    if checks is None:
+        checks = _start_chunks(store, wanted, full, pool)
     try:
-        _check_chunks(store, wanted, full, report, suspects, progress, listed)
+        if isinstance(checks, StoreError):
+            raise checks
+        _finish_chunks(checks, full, report, suspects, progress, listed)
     except StoreError as exc:
         report.problems.append(f"chunk index not fully read: {exc}")
     if whole:
@@ -246,7 +263,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
         # apart from one that is missing.
         with contextlib.suppress(StoreError):
             store.read(lambda r: _missing(store, r, used - listed, suspects, recount=True))
-        _check_refs(store, report, walk)
+        _check_refs(store, report, walk, counted)
     for digest, problem in suspects.items():
         # Quarantined, so reads give EIO without looking (a store whose main environment
         # is damaged is read-only: those chunks' lookups are refused by the guard instead).
@@ -527,24 +544,10 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
                                          guard_low=low, guard_high=high))
 
 
-def _check_refs(store: Store, report: VerifyReport,
-                walk: structure.StructureReport | None) -> None:
-    """Every chunk's reference count equals the number of map entries that use it, and
-    every chunk nothing uses is garbage.
-
-    Garbage collection deletes a chunk once its count reaches zero: a count too low (a
-    damaged page, a bit flipped) would let it delete a chunk that versions still use, and a
-    count too high keeps its space for ever. The counts are derived data, so a wrong one is
-    set back to the map's, in one write transaction that counts again (a server may have
-    written meanwhile). Not when the map itself is in doubt (damaged pages, or entries and
-    change records that disagree): counting a damaged map could lower a count that is right.
-    """
-    if walk is not None and any(f.segment is None for f in walk.damaged):
-        report.problems.append("reference counts not checked: the main environment is "
-                               "damaged (garbage collection stops while the store is "
-                               "read-only)")
-        return
-
+def _count_refs(store: Store) -> dict[bytes, tuple[int, int]] | StoreError:
+    """The chunks whose reference count is not the number of map entries that use them,
+    as (count, uses) (both 0: unused and not marked as garbage); the error if they could
+    not all be read."""
     def disagreeing(r: Reading) -> dict[bytes, tuple[int, int]]:
         uses = _map_uses(store, r.txn)
         wrong: dict[bytes, tuple[int, int]] = {}
@@ -563,18 +566,41 @@ def _check_refs(store: Store, report: VerifyReport,
         return wrong
 
     try:
-        wrong = store.read(disagreeing)
+        return store.read(disagreeing)
     except StoreError as exc:
-        report.problems.append(f"reference counts not fully read: {exc}")
+        return exc
+
+
+def _check_refs(store: Store, report: VerifyReport, walk: structure.StructureReport | None,
+                counted: dict[bytes, tuple[int, int]] | StoreError | None = None) -> None:
+    """Every chunk's reference count equals the number of map entries that use it, and
+    every chunk nothing uses is garbage.
+
+    Garbage collection deletes a chunk once its count reaches zero: a count too low (a
+    damaged page, a bit flipped) would let it delete a chunk that versions still use, and a
+    count too high keeps its space for ever. The counts are derived data, so a wrong one is
+    set back to the map's, in one write transaction that counts again (a server may have
+    written meanwhile). Not when the map itself is in doubt (damaged pages, or entries and
+    change records that disagree): counting a damaged map could lower a count that is right.
+    ``counted``: what :func:`_count_refs` found earlier (else it is called now).
+    """
+    if walk is not None and any(f.segment is None for f in walk.damaged):
+        report.problems.append("reference counts not checked: the main environment is "
+                               "damaged (garbage collection stops while the store is "
+                               "read-only)")
         return
-    for digest, (counted, used) in sorted(wrong.items()):
-        if counted == used:  # both 0
+    wrong = _count_refs(store) if counted is None else counted
+    if isinstance(wrong, StoreError):
+        report.problems.append(f"reference counts not fully read: {wrong}")
+        return
+    for digest, (count, used) in sorted(wrong.items()):
+        if count == used:  # both 0
             report.refs.append(f"chunk {digest.hex()}: unused, but not marked as garbage: "
                                "its space would never be reclaimed")
             continue
-        danger = ("garbage collection could delete it while versions use it" if counted < used
+        danger = ("garbage collection could delete it while versions use it" if count < used
                   else "its space would never be reclaimed")
-        report.refs.append(f"chunk {digest.hex()}: reference count {counted}, used by {used} "
+        report.refs.append(f"chunk {digest.hex()}: reference count {count}, used by {used} "
                            f"map entries: {danger}")
     if not wrong or report.records:
         return
@@ -626,170 +652,56 @@ def _scan(txn: Any, db: Any, start: bytes | None = None) -> Iterator[tuple[bytes
             at = exc.damage.guard_high
 
 
-def _check_chunks(store: Store, wanted: set[bytes] | None, full: bool, report: VerifyReport,
-                  suspects: dict[bytes, str], progress: Progress | None,
-                  listed: set[bytes]) -> None:
-    """Check every chunk of ``wanted`` (None: every indexed chunk); adds the digests it
-    found indexed to ``listed``."""
-    def listing(r: Reading) -> list[_Indexed]:
+@dataclass
+class _ChunkChecks:
+    """Chunk checks under way: the batches, and what each found (in their order)."""
+
+    batches: list[list[Indexed]]
+    found: Iterator[BatchFound]
+    total: int
+
+
+def _start_chunks(store: Store, wanted: set[bytes] | None, full: bool,
+                  pool: CheckPool | None) -> _ChunkChecks | StoreError:
+    """List every chunk of ``wanted`` (None: every indexed chunk) and start checking them:
+    in ``pool``'s workers from now on if given, else here as the results are taken. The
+    error, if the index could not be listed."""
+    def listing(r: Reading) -> list[Indexed]:
         if wanted is not None:
             found = [(d, loc) for d in sorted(wanted) if (loc := store.locate(r, d)) is not None]
             return [(d, loc.segment, loc.length, loc.check, loc.flags) for d, loc in found]
-        return [_indexed(d, raw) for d, raw in _scan(r.txn, store._index)]
-    chunks = store.read(listing)
-    listed.update(c[0] for c in chunks)
-    total = sum(c[2] for c in chunks) if full else len(chunks)
-    done = 0
+        return [indexed(d, raw) for d, raw in _scan(r.txn, store._index)]
+    try:
+        chunks = store.read(listing)
+    except StoreError as exc:
+        return exc
     batch = 256
-    for i in range(0, len(chunks), batch):
-        part = chunks[i : i + batch]
+    # Segment by segment: a batch reads one segment's pages instead of every segment's.
+    by_segment = sorted(chunks, key=operator.itemgetter(1))
+    batches = [by_segment[i : i + batch] for i in range(0, len(by_segment), batch)]
+    found = (pool.check(batches) if pool is not None
+             else (check_batch(store, part, full) for part in batches))
+    return _ChunkChecks(batches, found, sum(c[2] for c in chunks) if full else len(chunks))
 
-        def check(r: Reading, part: list[_Indexed] = part) -> _BatchFound:
-            found = _BatchFound()
-            for entry in part:
-                _check_entry(store, r, entry, full, found)
-            return found
 
-        try:
-            found = store.read(check)
-        except StoreDamaged:
-            # A segment file is missing (Store.read gave up reading again): chunk by chunk,
-            # so that the other segments' chunks are checked and the missing ones are named.
-            found = _BatchFound()
-            for entry in part:
-                try:
-                    one = store.read(functools.partial(check, part=[entry]))
-                except StoreDamaged as exc:
-                    found.problems.append((entry[0], str(exc)))
-                    continue
-                found.absorb(one)
+def _finish_chunks(checks: _ChunkChecks, full: bool, report: VerifyReport,
+                   suspects: dict[bytes, str], progress: Progress | None,
+                   listed: set[bytes]) -> None:
+    """Take what the chunk checks found into the report; adds the digests listed to
+    ``listed``."""
+    for part in checks.batches:
+        listed.update(c[0] for c in part)
+    done = 0
+    for part, found in zip(checks.batches, checks.found, strict=True):
         done += found.checked
         report.records.extend(found.records)
         for digest, problem in found.problems:
             suspects.setdefault(digest, problem)
         report.chunks += len(part)
         if progress is not None:
-            progress(done, total)
+            progress(done, checks.total)
     if full:
         report.bytes_checked = done
-
-
-@dataclass
-class _BatchFound:
-    """What one batch of chunk checks found (applied once the batch has run through)."""
-
-    checked: int = 0
-    records: list[PageDamage] = field(default_factory=list)
-    problems: list[tuple[bytes, str]] = field(default_factory=list)
-
-    def absorb(self, other: _BatchFound) -> None:
-        self.checked += other.checked
-        self.records += other.records
-        self.problems += other.problems
-
-
-def _check_entry(store: Store, r: Reading, entry: _Indexed, full: bool,
-                 found: _BatchFound) -> None:
-    """Check one chunk of the listing in snapshot ``r``.
-
-    The listing is an older snapshot than ``r``: a server may have compacted the chunk into
-    another segment since (the index and the segments' lists change in one transaction) or
-    swept it. What looks wrong is judged by ``r``'s own index entry, so that a live server's
-    upkeep is never taken for damage. A segment whose file went (compacted away after ``r``
-    began) raises SegmentGone: Store.read reads again, from a snapshot where the index has
-    moved on."""
-    digest, segment, length, checksum, flags = entry
-    if flags & FLAG_DAMAGED:
-        found.problems.append((digest, "damaged (found earlier), not yet healed"))
-        return
-    unlisted = _unlisted(store, r, digest, segment)
-    if unlisted and _moved(store, r, entry, full, found):
-        return
-    problem = _check_one(store, r, digest, segment, length, checksum, flags, full)
-    if problem and not unlisted and _moved(store, r, entry, full, found):
-        return
-    if unlisted:
-        found.records.append(unlisted)
-    if problem:
-        found.problems.append((digest, problem))
-    found.checked += length if full else 1
-
-
-def _moved(store: Store, r: Reading, entry: _Indexed, full: bool, found: _BatchFound) -> bool:
-    """Whether ``r``'s index entry for the chunk differs from the listing's (then that one is
-    checked instead, or nothing when it was swept)."""
-    now = _index_entry(store, r, entry[0])
-    if now == entry:
-        return False
-    if now is not None:
-        _check_entry(store, r, now, full, found)
-    return True
-
-
-def _indexed(digest: bytes, raw: Any) -> _Indexed:
-    """An index entry as a plain tuple (a Location per chunk cost a twentieth of verify
-    --full); one of the wrong size raises as Location.decode does."""
-    if len(raw) != _INDEX_SIZE:
-        Location.decode(raw)  # raises StoreDamaged, naming the size
-    segment, length, checksum, flags = _unpack_index(raw)
-    return digest, segment, length, checksum, flags
-
-
-def _index_entry(store: Store, r: Reading, digest: bytes) -> _Indexed | None:
-    """``digest``'s index entry in this snapshot (None: not indexed, or behind known damage)."""
-    try:
-        raw = r.txn.get(digest, db=store._index)
-    except StoreDamaged:
-        return None
-    return None if raw is None else _indexed(digest, raw)
-
-
-def _unlisted(store: Store, r: Reading, digest: bytes, segment: int) -> PageDamage | None:
-    """The segment's list of chunks (what compaction copies before it deletes the segment)
-    holds every chunk the index places there: a damaged entry would let compaction delete
-    a chunk still in use. The damage to record when it does not (like damaged map records:
-    the store is then read-only, so nothing is compacted until it is restored)."""
-    key = struct.pack(">I", segment) + digest
-    try:
-        if r.txn.get(key, db=store._seg_chunks) is not None:
-            return None
-    except StoreDamaged:
-        return None  # behind known damage: the structural report covers it
-    return PageDamage(
-        "seg_chunks", None, f"chunk {digest.hex()}: the index places it in segment "
-        f"{segment}, whose list of chunks lacks it (a damaged page): compacting the "
-        "segment would lose it", key=key, guard_low=key, guard_high=key + b"\0")
-
-
-def _check_one(store: Store, r: Reading, digest: bytes, segment: int, length: int,
-               checksum: int, flags: int, full: bool) -> str | None:
-    if segment == 0:
-        stored, tail = r.txn.get(digest, db=store._chunks), r.txn.get(digest, db=store._tails)
-    else:
-        try:
-            stored, tail = r.segments.get(segment, digest)
-        except SegmentGone:
-            raise  # compacted away: the caller reads again
-        except StoreError as exc:
-            return f"segment {segment} unreadable: {exc}"
-    if stored is None:
-        return f"missing from segment {segment}"
-    held = len(stored) - HEADER_SIZE + (len(tail) if tail is not None else 0)
-    if held != length:
-        return f"holds {held} bytes in segment {segment}, the index says {length}"
-    if not full:
-        return None
-    # The checksum first: it reads the data from memory at least as fast as blake3 would,
-    # and blake3 then finds them in the CPU's cache (measured: both together take less
-    # time than blake3 alone; the other order, a tenth more).
-    if not flags & FLAG_NO_CHECKSUM and _data_check(stored, tail) != checksum:
-        return f"fails its checksum in segment {segment}: damaged on disk"
-    h = blake3.blake3(memoryview(stored)[HEADER_SIZE:])
-    if tail is not None:
-        h.update(tail)
-    if h.digest() != digest:
-        return f"data in segment {segment} do not hash to the chunk's digest"
-    return None
 
 
 def _who_uses(store: Store, report: VerifyReport) -> None:
@@ -852,7 +764,8 @@ def report_text(report: VerifyReport) -> str:
     lines = [f"{'clean' if report.clean else 'DAMAGE FOUND'}: {report.volumes} volume(s), "
              f"{report.versions} version(s), {report.map_entries} map entries, "
              f"{report.chunks} chunks{' re-hashed' if report.full else ''} in "
-             f"{report.seconds:.1f}s"]
+             f"{report.seconds:.1f}s"
+             + (f" by {report.workers} worker processes" if report.workers else "")]
     for d in report.damaged:
         lines.append(f"damaged chunk {d.digest}: {d.problem}")
         for u in d.uses:

@@ -40,6 +40,7 @@ from typing import Any
 
 import lmdb
 
+from nbdsink.store import workers
 from nbdsink.store.errors import StoreError
 from nbdsink.store.lmdb_pages import (
     FREE_DB,
@@ -207,36 +208,59 @@ environment open while its block runs and gives its id (None: cannot pin)."""
 
 
 def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
-                pin: Pinner | None = None) -> StructureReport:
+                pin: Pinner | None = None, jobs: int = 1) -> StructureReport:
     """Walk every page of the main environment and/or of every segment (see the module
     docstring). ``pin``: how to hold a snapshot of an environment during its walk; by
     default the environment is opened here (never do that with the store open in this
-    process: pass a pinner using the store's own environments)."""
+    process: pass a pinner using the store's own environments). ``jobs``: environments
+    are walked by that many forked workers (see :mod:`nbdsink.store.workers`) when there
+    is no ``pin`` and this process may fork."""
     started = time.monotonic()
     report = StructureReport(checked=time.time(),
                              parts=tuple(p for p, on in (("main", main), ("segments", segments))
                                          if on))
-    for name, path, sid in environments(Path(store_dir)):
-        if not (main if sid is None else segments) or not path.exists():
-            continue  # not asked for, or a segment compacted away meanwhile
-        try:
-            if sid is not None and path.stat().st_size == 0:
-                continue  # created by a crash before its first commit: nothing in it
-        except FileNotFoundError:
-            continue  # compacted away (and deleted) since it was listed
-        found = _check_pinned(path, sid, pin)
-        if sid is not None and found.problems and not path.exists():
-            continue  # compacted away (and deleted) between the two looks: not damage
-        report.environments += 1
-        report.pages += found.pages_walked
-        finding = EnvFinding(name, str(path.relative_to(store_dir)), sid,
-                             found.meta.txnid if found.meta else None, list(found.problems),
-                             list(found.damage), found.leaked_pages,
-                             [key for db, key in found.zeroed if db == "chunks"])
-        if not finding.clean or finding.leaked_pages or finding.zeroed:
-            report.findings.append(finding)
+    wanted = [(Path(store_dir), name, path, sid)
+              for name, path, sid in environments(Path(store_dir))
+              if (main if sid is None else segments)]
+    if jobs > 1 and pin is None and len(wanted) > 1 and workers.can_fork():
+        # The main environment comes first and is the largest: one worker walks it while
+        # the others share the segments.
+        with workers.fork_pool(min(jobs, len(wanted))) as pool:
+            walked = pool.map(_walk_environment, wanted, chunksize=1)
+            pool.close()
+            pool.join()
+    else:
+        walked = [_walk_environment(env, pin) for env in wanted]
+    for one in walked:
+        if one is not None:
+            finding, pages = one
+            report.environments += 1
+            report.pages += pages
+            if not finding.clean or finding.leaked_pages or finding.zeroed:
+                report.findings.append(finding)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _walk_environment(env: tuple[Path, str, Path, int | None], pin: Pinner | None = None
+                      ) -> tuple[EnvFinding, int] | None:
+    """What the walk of one environment found, and how many pages it walked; None when
+    there is nothing to walk (a segment compacted away, or empty)."""
+    store_dir, name, path, sid = env
+    if not path.exists():
+        return None  # a segment compacted away meanwhile
+    try:
+        if sid is not None and path.stat().st_size == 0:
+            return None  # created by a crash before its first commit: nothing in it
+    except FileNotFoundError:
+        return None  # compacted away (and deleted) since it was listed
+    found = _check_pinned(path, sid, pin)
+    if sid is not None and found.problems and not path.exists():
+        return None  # compacted away (and deleted) between the two looks: not damage
+    return EnvFinding(name, str(path.relative_to(store_dir)), sid,
+                      found.meta.txnid if found.meta else None, list(found.problems),
+                      list(found.damage), found.leaked_pages,
+                      [key for db, key in found.zeroed if db == "chunks"]), found.pages_walked
 
 
 def _check_pinned(data_file: Path, sid: int | None, pin: Pinner | None) -> EnvCheck:

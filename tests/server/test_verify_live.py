@@ -1,5 +1,5 @@
 """``nbdsink verify`` of a store a server is writing to, pruning by policy, sweeping and
-compacting meanwhile: every run finds nothing wrong (in particular no reference count that
+compacting meanwhile (with --full, in worker processes): every run finds nothing wrong (in particular no reference count that
 disagrees with the map, which verify would otherwise set back), and afterwards every version
 still listed reads back as it was flushed."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nbd
 
+from nbdsink.store.workers import default_jobs
 from nbdsink.testing import run_cli, upkeep_server, write_random_blocks
 
 BS = 16384
@@ -64,6 +65,9 @@ def test_verify_while_the_server_writes_prunes_and_compacts(tmp_path: Path) -> N
                 report = json.loads(run.stdout)
                 assert report["damaged_refs"] == [] and report["refs_repaired"] == 0
                 assert report["versions"] >= 1
+                # --full re-hashes in worker processes (each with its own snapshots).
+                jobs = default_jobs()
+                assert report["workers"] == (jobs if full and jobs > 1 else 0)
         finally:
             stop.set()
             t.join(timeout=60)

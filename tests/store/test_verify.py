@@ -9,12 +9,15 @@ import shutil
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import blake3
 import lmdb
 import pytest
 
+from nbdsink import testing_lmdb as lm
 from nbdsink.server.session import Heads, Session
 from nbdsink.store import Store, StoreError, check
 from nbdsink.store import keys as store_keys
@@ -330,3 +333,163 @@ def test_a_segment_file_deleted_by_hand_gives_eio_not_a_hang(
     # Every chunk of the volume was in segment 1: each is named, with the blocks using it.
     assert len(damaged) == BLOCKS + 1
     assert all("segment 1 is gone" in d["problem"] and d["uses"] for d in damaged)
+
+
+# -- verify in worker processes -------------------------------------------------------------
+
+
+@pytest.fixture
+def spread(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    """A store of 1,200 chunks over several segments (1 MiB each), two versions: enough
+    batches that every worker of verify --full gets some. Returns its path and the blocks
+    of version 1."""
+    store = Store(tmp_path / "s", create=True, segment_bytes=1 << 20)
+    blocks_n, bs = 1200, 4096
+    head = Head(store, store.create_volume("vol", blocks_n * bs, bs))
+    rng = random.Random(11)
+    blocks = [rng.randbytes(bs) for _ in range(blocks_n)]
+    head.write(memoryview(b"".join(blocks)), 0)
+    head.commit()
+    head.write(memoryview(rng.randbytes(bs)), 5 * bs)
+    head.commit()
+    store.close()
+    assert len(list((tmp_path / "s" / "segments").glob("*.mdb"))) >= 3
+    return tmp_path / "s", blocks
+
+
+def _damage_spread(path: Path, blocks: list[bytes]) -> None:
+    from nbdsink.store.chunks import digest
+    from nbdsink.store.store import Location
+
+    store = Store(path)
+    where = {d: store.read(lambda r, d=d: store.locate(r, d)) for d in
+             (digest(blocks[7]), digest(blocks[700]), digest(blocks[1150]))}
+    store.close()
+    for d, loc in where.items():
+        assert isinstance(loc, Location)
+        env = lmdb.open(str(path / "segments" / f"{loc.segment:08d}.mdb"), subdir=False,
+                        max_dbs=2)
+        db = env.open_db(b"chunks")
+        with env.begin(write=True) as txn:
+            value = bytearray(txn.get(d, db=db))
+            value[-1] ^= 0xFF
+            txn.put(d, bytes(value), db=db)
+        env.close()
+    env = lmdb.open(str(path), max_dbs=16)
+    refs = env.open_db(b"refs")
+    with env.begin(write=True) as txn:
+        txn.put(digest(blocks[300]), struct.pack(">Q", 7), db=refs)
+    env.close()
+    # A zeroed leaf of segment 2: the workers must keep away from it as the walk says.
+    seg = lm.segment_file(path, 2)
+    lm.zero_page(seg, lm.find_pages(seg, "chunks", "leaf")[1].pgno)
+
+
+def _fresh_process(code: str) -> Any:
+    """Run ``code`` in a new Python process (as the CLI runs: no other thread, so workers
+    are forked; a test process has threads left by earlier tests) and parse the JSON it
+    prints."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_workers_find_exactly_what_one_process_finds(
+        spread: tuple[Path, list[bytes]], tmp_path: Path) -> None:
+    """nbdsink verify --full with worker processes (the walk of the environments shared
+    out, the chunks re-hashed in batches) reports the same damage, uses and repairs as in
+    one process, on two copies of the same damaged store."""
+    from nbdsink.store.chunks import digest
+
+    path, blocks = spread
+    _damage_spread(path, blocks)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    shutil.copytree(path, alone)
+    shutil.copytree(path, shared)
+    walks = _fresh_process(f"""
+        import json
+        from pathlib import Path
+        from nbdsink.store import structure
+        print(json.dumps([structure.check_store(Path(p), jobs=jobs).to_json()
+                          for p, jobs in (({str(alone)!r}, 1), ({str(shared)!r}, 2))]))
+        """)
+    for walk in walks:
+        walk.pop("seconds")
+        walk.pop("checked")
+    assert walks[0] == walks[1] and walks[0]["environments"] >= 4
+    runs = [_cli("verify", "--full", "--json", "--jobs", jobs, "--store", str(p))
+            for p, jobs in ((alone, "1"), (shared, "2"))]
+    assert [r.returncode for r in runs] == [1, 1], [r.stderr for r in runs]
+    one, many = (json.loads(r.stdout) for r in runs)
+    assert (one.pop("workers"), many.pop("workers")) == (0, 2)
+    one.pop("seconds")
+    many.pop("seconds")
+    assert one == many
+    problems = {d["chunk"]: d["problem"] for d in many["damaged_chunks"]}
+    flipped = [digest(blocks[i]).hex() for i in (7, 700, 1150)]
+    assert all(d in problems for d in flipped)
+    assert sum("checksum" in problems[d] for d in flipped) >= 2
+    assert [env["environment"] for env in many["structure"]["damaged"]] == ["segment 2"]
+    behind = [d for d, problem in problems.items() if "segment 2" in problem]
+    assert len(behind) > 10  # the chunks under the zeroed leaf
+    assert all(d["uses"] for d in many["damaged_chunks"])
+    assert many["refs_repaired"] == 1 and many["chunks"] == 1201
+    assert many["bytes_checked"] == 1201 * 4096
+    # Quarantined by the parent as in one process: reads of the damaged blocks give EIO.
+    store = Store(shared)
+    with pytest.raises(StoreError):
+        _read_block(store, 700)
+    assert _read_block(store, 701) == blocks[701]
+    store.close()
+
+
+def _read_block(store: Store, block: int) -> bytes:
+    buf = bytearray(4096)
+    Session(store, Heads(store), "vol@1", readonly=True).pread(memoryview(buf), block * 4096)
+    return bytes(buf)
+
+
+def test_an_error_in_a_worker_is_reported_as_in_one_process(
+        spread: tuple[Path, list[bytes]]) -> None:
+    """A batch that cannot be checked (a StoreError forced in the check, which the forked
+    workers inherit) ends the chunk checks with the same problem, not a traceback."""
+    found = _fresh_process(f"""
+        import json
+        from nbdsink.store import StoreError, check, chunk_check
+
+        def boom(store, part, full):
+            raise StoreError("segment 3 unreadable: forced")
+        chunk_check.check_batch = check.check_batch = boom
+        out = []
+        for jobs in (1, 2):
+            report = check.verify_store({str(spread[0])!r}, full=True, jobs=jobs)
+            out.append([report.clean, report.workers, report.problems])
+        print(json.dumps(out))
+        """)
+    problem = ["chunk index not fully read: segment 3 unreadable: forced"]
+    assert found == [[False, 0, problem], [False, 2, problem]]
+
+
+def test_an_interrupted_verify_leaves_no_worker_and_a_sound_store(
+        spread: tuple[Path, list[bytes]]) -> None:
+    """Ctrl-C in the middle of verify --full (KeyboardInterrupt in the parent while the
+    workers check chunks): it propagates, every worker is gone, and the store verifies
+    clean afterwards (no reader left behind keeps it from anything)."""
+    found = _fresh_process(f"""
+        import json, multiprocessing
+        from nbdsink.store import check
+
+        def interrupt(done, total):
+            if done < total:
+                raise KeyboardInterrupt
+        try:
+            check.verify_store({str(spread[0])!r}, full=True, jobs=2, progress=interrupt)
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        left = len(multiprocessing.active_children())
+        report = check.verify_store({str(spread[0])!r}, full=True, jobs=2)
+        print(json.dumps([interrupted, left, report.clean, report.workers, report.chunks]))
+        """)
+    assert found == [True, 0, True, 2, 1201]
