@@ -6,10 +6,14 @@ against an unchecked one, over the same bytes, in one run.
 A store is filled with --size of random data (64 KiB blocks). Then, with the data in the
 page cache (both sides read the same cached segment files):
   verify --full   store.check.verify(full=True)   vs  blake3 of every chunk's bytes, read
-                                                      straight from the segment (target >= 0.8)
+                  in one process, the store open      straight from the segment
+                  already
   the command     check.verify_store(full=True),  vs  the same: what `nbdsink verify --full`
                   LMDB's pages walked first           runs, the walk that keeps damaged pages
-                                                      from crashing it included
+                                                      from crashing it included; with its
+                                                      default worker processes (one per
+                                                      CPU; target >= 0.8) and in one process
+                                                      (--jobs 1), with the CPU time each took
   read path       every chunk read through Store.copy_chunk (checked against its xxh3)
                                                   vs  the same copies without the check:
                                                       the check's cost per GiB, to set
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blake3
 
-from nbdsink.store import Store, check
+from nbdsink.store import Store, check, workers
 from nbdsink.store.chunks import HEADER_SIZE
 from nbdsink.store.head import Head
 from nbdsink.store.segments import copy_stored
@@ -91,6 +96,13 @@ def reads(store: Store, chunks: list[tuple[bytes, Location]], checked: bool) -> 
     return time.perf_counter() - start
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (verify's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30)
@@ -101,6 +113,7 @@ def main() -> int:
         store = fill(Path(tmp) / "store", args.size)
         chunks = listing(store)
         reads(store, chunks, checked=False)  # warm the page cache
+        gib = args.size / (1 << 30)
         verify_ratios, read_costs = [], []
         for _ in range(args.rounds):
             ref, ours = bare_blake3(store, chunks), verify_full(store)
@@ -111,18 +124,27 @@ def main() -> int:
                   f"{format_size(args.size / ref)}/s = {ref / ours:.2f}x; reads checked "
                   f"{checked:.3f}s vs unchecked {plain:.3f}s (+{100 * (checked / plain - 1):.1f}%)")
         store.close()
-        command_ratios = []
+        jobs = workers.default_jobs()
+        command: dict[int, list[tuple[float, float]]] = {jobs: [], 1: []}
         for _ in range(args.rounds):
-            # The command opens the store itself (one process may not open it twice).
-            with Store(Path(tmp) / "store") as store:
-                ref = bare_blake3(store, chunks)
-            start = time.perf_counter()
-            assert check.verify_store(Path(tmp) / "store", full=True).clean
-            command_ratios.append(ref / (time.perf_counter() - start))
+            for n in command:
+                # The command opens the store itself (one process may not open it twice).
+                with Store(Path(tmp) / "store") as store:
+                    ref = bare_blake3(store, chunks)
+                cpu = _cpu_seconds()
+                start = time.perf_counter()
+                assert check.verify_store(Path(tmp) / "store", full=True, jobs=n).clean
+                elapsed = time.perf_counter() - start
+                command[n].append((ref / elapsed, (_cpu_seconds() - cpu) / gib))
+                print(f"round: the command, {n} job(s): {ref / elapsed:.2f}x")
     print(f"verify --full / bare blake3: {statistics.median(verify_ratios):.2f}x "
-          f"(median of {args.rounds}; target >= 0.8)")
-    print(f"the command (pages walked first) / bare blake3: "
-          f"{statistics.median(command_ratios):.2f}x (median of {args.rounds})")
+          f"(median of {args.rounds}; one process, the store open already)")
+    for n, runs in command.items():
+        how = f"{n} worker processes" if n > 1 else "in one process (--jobs 1)"
+        print(f"the command (pages walked first), {how} / bare blake3 on one core: "
+              f"{statistics.median(r[0] for r in runs):.2f}x, CPU "
+              f"{statistics.median(r[1] for r in runs):.2f} s per GiB (median of "
+              f"{args.rounds}{'; target >= 0.8' if n == jobs else ''})")
     per_gib = statistics.median(read_costs)
     print(f"read path, cost of the check: {1000 * per_gib:.1f} ms per GiB read (median): "
           f"against a whole NBD read of a version (bench_store.py's read line, about 1 s per "
