@@ -24,9 +24,10 @@ Ratios are reference_time / nbdsink_time (above 1: nbdsink faster); the median o
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,11 +97,30 @@ def reads(store: Store, chunks: list[tuple[bytes, Location]], checked: bool) -> 
     return time.perf_counter() - start
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its children that have ended (verify's workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-        resource.RUSAGE_CHILDREN)
+_COMMAND = """
+import json, resource, sys, time
+from nbdsink.store import check
+
+def cpu():
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                           resource.RUSAGE_CHILDREN))
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+before, start = cpu(), time.perf_counter()
+assert check.verify_store(sys.argv[1], full=True, jobs=int(sys.argv[2])).clean
+print(json.dumps([time.perf_counter() - start, cpu() - before]))
+"""
+
+
+def _command(store: Path, jobs: int) -> tuple[float, float]:
+    """Seconds and CPU seconds (workers included) of verify_store(full=True) in a process of
+    its own, as `nbdsink verify --full` runs it (interpreter start-up left out): forked
+    workers start from a small process, not from this one with a GiB of data behind it."""
+    done = subprocess.run([sys.executable, "-c", _COMMAND, str(store), str(jobs)],
+                          capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    elapsed, cpu = json.loads(done.stdout)
+    return float(elapsed), float(cpu)
 
 
 def main() -> int:
@@ -131,11 +151,8 @@ def main() -> int:
                 # The command opens the store itself (one process may not open it twice).
                 with Store(Path(tmp) / "store") as store:
                     ref = bare_blake3(store, chunks)
-                cpu = _cpu_seconds()
-                start = time.perf_counter()
-                assert check.verify_store(Path(tmp) / "store", full=True, jobs=n).clean
-                elapsed = time.perf_counter() - start
-                command[n].append((ref / elapsed, (_cpu_seconds() - cpu) / gib))
+                elapsed, cpu = _command(Path(tmp) / "store", n)
+                command[n].append((ref / elapsed, cpu / gib))
                 print(f"round: the command, {n} job(s): {ref / elapsed:.2f}x")
     print(f"verify --full / bare blake3: {statistics.median(verify_ratios):.2f}x "
           f"(median of {args.rounds}; one process, the store open already)")

@@ -119,17 +119,17 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
     if not (path / "data.mdb").exists():
         raise StoreFormatError(f"no nbdsink store at {path}")
     jobs = workers.default_jobs() if jobs is None else jobs
-    found = structure.check_store(path, jobs=jobs)
-    unrecorded = None
-    try:
-        found = structure.save(path, found)
-    except OSError as exc:  # a read-only copy, say: the report still says everything
-        unrecorded = f"the structural findings could not be recorded for servers: {exc}"
     with contextlib.ExitStack() as stack:
         pool = None
-        if full and jobs > 1 and workers.can_fork():
-            # Before this process opens the store: the workers are forked.
-            pool = stack.enter_context(CheckPool(path, found, full, jobs))
+        if jobs > 1 and workers.can_fork():
+            # Before anything here opens the store with LMDB: the workers are forked.
+            pool = stack.enter_context(CheckPool(path, full, jobs))
+        found = structure.check_store(path, pool=pool.pool if pool else None)
+        unrecorded = None
+        try:
+            found = structure.save(path, found)
+        except OSError as exc:  # a read-only copy, say: the report still says everything
+            unrecorded = f"the structural findings could not be recorded for servers: {exc}"
         try:
             store = stack.enter_context(Store(path))
         except StoreError as exc:  # unreadable, or damaged where opening must read
@@ -137,7 +137,9 @@ def verify_store(path: str | Path, volume: str | None = None, version: int | Non
             report.problems.append(str(exc))
             _structural(None, found, report, {})
             return report
-        report = verify(store, volume, version, full, progress, walk=found, pool=pool)
+        report = verify(store, volume, version, full, progress, walk=found,
+                        pool=pool if full else None, pool_walk=None if unrecorded is None
+                        else found)
     if unrecorded is not None:
         report.problems.append(unrecorded)
     elif volume is None and version is None:
@@ -194,13 +196,15 @@ def pinner(store: Store) -> structure.Pinner:
 def verify(store: Store, volume: str | None = None, version: int | None = None,
            full: bool = False, progress: Progress | None = None,
            walk: structure.StructureReport | None = None,
-           pool: CheckPool | None = None) -> VerifyReport:
+           pool: CheckPool | None = None,
+           pool_walk: structure.StructureReport | None = None) -> VerifyReport:
     """Check the store (or one volume, or one version's chunks); see the module docstring.
 
     ``walk``: the walk of LMDB's pages done before the store was opened
     (:func:`verify_store`). Its damage is kept away from (what it makes unreadable is
     reported, and is not looked up), so nothing here reads a damaged page. ``pool``:
-    worker processes that check the chunks (with the same walk)."""
+    worker processes that check the chunks, keeping away from the damage recorded in the
+    store, or from ``pool_walk``'s when given (see :meth:`CheckPool.check`)."""
     started = time.monotonic()
     report = VerifyReport(full=full, structure=walk, workers=pool.jobs if pool else 0)
     suspects: dict[bytes, str] = {}
@@ -225,7 +229,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
     whole = volume is None
     checks: _ChunkChecks | StoreError | None = None
     if whole:
-        checks = _start_chunks(store, None, full, pool)
+        checks = _start_chunks(store, None, full, pool, pool_walk)
     for v in volumes:
         try:
             if version is None:
@@ -251,7 +255,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
             counted = _count_refs(store)  # while the workers, if any, check chunks
     listed: set[bytes] = set()
     if checks is None:
-        checks = _start_chunks(store, wanted, full, pool)
+        checks = _start_chunks(store, wanted, full, pool, pool_walk)
     try:
         if isinstance(checks, StoreError):
             raise checks
@@ -661,8 +665,8 @@ class _ChunkChecks:
     total: int
 
 
-def _start_chunks(store: Store, wanted: set[bytes] | None, full: bool,
-                  pool: CheckPool | None) -> _ChunkChecks | StoreError:
+def _start_chunks(store: Store, wanted: set[bytes] | None, full: bool, pool: CheckPool | None,
+                  pool_walk: structure.StructureReport | None) -> _ChunkChecks | StoreError:
     """List every chunk of ``wanted`` (None: every indexed chunk) and start checking them:
     in ``pool``'s workers from now on if given, else here as the results are taken. The
     error, if the index could not be listed."""
@@ -679,7 +683,7 @@ def _start_chunks(store: Store, wanted: set[bytes] | None, full: bool,
     # Segment by segment: a batch reads one segment's pages instead of every segment's.
     by_segment = sorted(chunks, key=operator.itemgetter(1))
     batches = [by_segment[i : i + batch] for i in range(0, len(by_segment), batch)]
-    found = (pool.check(batches) if pool is not None
+    found = (pool.check(batches, pool_walk) if pool is not None
              else (check_batch(store, part, full) for part in batches))
     return _ChunkChecks(batches, found, sum(c[2] for c in chunks) if full else len(chunks))
 

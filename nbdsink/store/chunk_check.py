@@ -193,22 +193,27 @@ def check_batch(store: Store, part: list[Indexed], full: bool) -> BatchFound:
 
 
 class CheckPool:
-    """Worker processes that check batches of chunks (:meth:`check`), each with the store
-    at ``path`` open itself and kept away from the damage of ``walk`` as the caller's is.
+    """Worker processes for ``nbdsink verify``: they walk environments (:attr:`pool`, given
+    to :func:`structure.check_store`) and check batches of chunks (:meth:`check`), each
+    worker with the store at ``path`` open itself.
 
     Workers are forked (see :mod:`nbdsink.store.workers`): create the pool before this
-    process opens the store, and only when :func:`workers.can_fork`.
+    process opens the store with LMDB, and only when :func:`workers.can_fork`.
     """
 
-    def __init__(self, path: Path, walk: structure.StructureReport | None, full: bool,
-                 jobs: int) -> None:
+    def __init__(self, path: Path, full: bool, jobs: int) -> None:
         self.jobs = jobs
-        self._pool = workers.fork_pool(jobs, _start_worker, (str(path), walk, full))
+        self.pool = workers.fork_pool(jobs, _start_worker, (str(path), full))
 
-    def check(self, batches: Iterable[list[Indexed]]) -> Iterator[BatchFound]:
+    def check(self, batches: Iterable[list[Indexed]],
+              walk: structure.StructureReport | None = None) -> Iterator[BatchFound]:
         """Start checking ``batches`` (at once: the workers go on while the caller does
-        other work); what each found, in the batches' order, as the caller takes it."""
-        return _raising(self._pool.imap(_check_in_worker, batches))
+        other work); what each found, in the batches' order, as the caller takes it.
+
+        Workers open the store when they get their first batch, and keep away from the
+        damage recorded in it then (the caller records its walk first); ``walk``: the
+        damage to keep away from instead, when the walk could not be recorded."""
+        return _raising(self.pool.imap(_check_in_worker, ((part, walk) for part in batches)))
 
     def __enter__(self) -> CheckPool:
         return self
@@ -216,10 +221,10 @@ class CheckPool:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if kind is None:
-            self._pool.close()  # workers close their store and leave
+            self.pool.close()  # workers close their store and leave
         else:
-            self._pool.terminate()  # an error or Ctrl-C: the server forgets dead readers
-        self._pool.join()
+            self.pool.terminate()  # an error or Ctrl-C: the server forgets dead readers
+        self.pool.join()
 
 
 def _raising(found: Iterator[BatchFound]) -> Iterator[BatchFound]:
@@ -230,24 +235,27 @@ def _raising(found: Iterator[BatchFound]) -> Iterator[BatchFound]:
 
 
 _worker: dict[str, Any] = {}
-"""In a worker: the store's path, the walk and ``full``; the store once opened."""
+"""In a worker: the store's path and ``full``; the store once opened."""
 
 
-def _start_worker(path: str, walk: structure.StructureReport | None, full: bool) -> None:
-    _worker.update(path=path, walk=walk, full=full)
+def _start_worker(path: str, full: bool) -> None:
+    _worker.update(path=path, full=full)
 
 
-def _check_in_worker(part: list[Indexed]) -> BatchFound:
+def _check_in_worker(task: tuple[list[Indexed], structure.StructureReport | None]
+                     ) -> BatchFound:
+    part, walk = task
     try:
         store = _worker.get("store")
         if store is None:
             # Opened here, not in the initializer: a pool replaces a worker whose
-            # initializer fails, for ever.
+            # initializer fails, for ever. Opening loads the damage recorded.
             store = Store(_worker["path"])
-            if _worker["walk"] is not None:
-                store.reload_damage(_worker["walk"])
             multiprocessing.util.Finalize(store, store.close, exitpriority=10)
             _worker["store"] = store
+        if walk is not None and walk is not _worker.get("walk"):
+            store.reload_damage(walk)
+            _worker["walk"] = walk
         return check_batch(store, part, _worker["full"])
     except StoreError as exc:
         # Returned, not raised: our errors carry objects that need not survive pickling.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import multiprocessing.pool
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +41,6 @@ from typing import Any
 
 import lmdb
 
-from nbdsink.store import workers
 from nbdsink.store.errors import StoreError
 from nbdsink.store.lmdb_pages import (
     FREE_DB,
@@ -208,13 +208,13 @@ environment open while its block runs and gives its id (None: cannot pin)."""
 
 
 def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
-                pin: Pinner | None = None, jobs: int = 1) -> StructureReport:
+                pin: Pinner | None = None,
+                pool: multiprocessing.pool.Pool | None = None) -> StructureReport:
     """Walk every page of the main environment and/or of every segment (see the module
     docstring). ``pin``: how to hold a snapshot of an environment during its walk; by
     default the environment is opened here (never do that with the store open in this
-    process: pass a pinner using the store's own environments). ``jobs``: environments
-    are walked by that many forked workers (see :mod:`nbdsink.store.workers`) when there
-    is no ``pin`` and this process may fork."""
+    process: pass a pinner using the store's own environments). ``pool``: worker processes
+    that walk the environments (see :mod:`nbdsink.store.workers`; not with ``pin``)."""
     started = time.monotonic()
     report = StructureReport(checked=time.time(),
                              parts=tuple(p for p, on in (("main", main), ("segments", segments))
@@ -222,13 +222,10 @@ def check_store(store_dir: Path, *, main: bool = True, segments: bool = True,
     wanted = [(Path(store_dir), name, path, sid)
               for name, path, sid in environments(Path(store_dir))
               if (main if sid is None else segments)]
-    if jobs > 1 and pin is None and len(wanted) > 1 and workers.can_fork():
+    if pool is not None and pin is None:
         # The main environment comes first and is the largest: one worker walks it while
         # the others share the segments.
-        with workers.fork_pool(min(jobs, len(wanted))) as pool:
-            walked = pool.map(_walk_environment, wanted, chunksize=1)
-            pool.close()
-            pool.join()
+        walked = pool.map(_walk_environment, wanted, chunksize=1)
     else:
         walked = [_walk_environment(env, pin) for env in wanted]
     for one in walked:

@@ -410,9 +410,11 @@ def test_workers_find_exactly_what_one_process_finds(
     walks = _fresh_process(f"""
         import json
         from pathlib import Path
-        from nbdsink.store import structure
-        print(json.dumps([structure.check_store(Path(p), jobs=jobs).to_json()
-                          for p, jobs in (({str(alone)!r}, 1), ({str(shared)!r}, 2))]))
+        from nbdsink.store import structure, workers
+        with workers.fork_pool(2) as pool:
+            walks = [structure.check_store(Path({str(alone)!r})),
+                     structure.check_store(Path({str(shared)!r}), pool=pool)]
+        print(json.dumps([walk.to_json() for walk in walks]))
         """)
     for walk in walks:
         walk.pop("seconds")
@@ -493,3 +495,35 @@ def test_an_interrupted_verify_leaves_no_worker_and_a_sound_store(
         print(json.dumps([interrupted, left, report.clean, report.workers, report.chunks]))
         """)
     assert found == [True, 0, True, 2, 1201]
+
+
+def test_workers_keep_away_from_damage_that_could_not_be_recorded(
+        spread: tuple[Path, list[bytes]], tmp_path: Path) -> None:
+    """When the walk's findings cannot be recorded in the store (a read-only copy: here the
+    save fails by force), the workers are handed the walk itself: they keep away from the
+    zeroed segment leaf exactly as one process does."""
+    path, blocks = spread
+    _damage_spread(path, blocks)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    shutil.copytree(path, alone)
+    shutil.copytree(path, shared)
+    found = _fresh_process(f"""
+        import json
+        from nbdsink.store import check, structure
+
+        def refuse(store_dir, report):
+            raise OSError(30, "Read-only file system")
+        structure.save = refuse
+        out = []
+        for where, jobs in (({str(alone)!r}, 1), ({str(shared)!r}, 2)):
+            report = check.verify_store(where, full=True, jobs=jobs).to_json()
+            report.pop("seconds")
+            out.append(report)
+        print(json.dumps(out))
+        """)
+    one, many = found
+    assert (one.pop("workers"), many.pop("workers")) == (0, 2)
+    assert one == many
+    assert [env["environment"] for env in many["structure"]["damaged"]] == ["segment 2"]
+    assert any("could not be recorded" in p for p in many["problems"])
+    assert sum("segment 2" in d["problem"] for d in many["damaged_chunks"]) > 10
