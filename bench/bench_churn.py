@@ -13,6 +13,9 @@ Prints, at cycles 50, 100 and 200 (or the given fraction of --cycles):
   on-disk / referenced   du of the store over the bytes the kept versions reference (target <= 1.3)
 and at the end:
   last 10 / first 10     time of the last 10 cycles over the first 10 (target <= 1.1)
+  the disk itself        the same ratio for a cycle's worth of data written to a plain file
+                         and fdatasync'ed 10 times, just before the first cycle and just
+                         after the last: how much the disk's own speed drifted meanwhile
 """
 
 from __future__ import annotations
@@ -49,6 +52,24 @@ def referenced(store: Path) -> int:
     return int(report["total"]["referenced_bytes"])
 
 
+def reference_write(work: Path, blocks: list[bytes]) -> float:
+    """Seconds to write ``blocks`` to a new plain file on the store's disk and fdatasync it:
+    what the disk alone takes for a cycle's data at that moment (this VM's disk speed drifts
+    over minutes)."""
+    path = work / "reference.bin"
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for data in blocks:
+            os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30)
@@ -83,6 +104,10 @@ def main() -> int:
             h = nbd.NBD()
             h.connect_uri(srv.uri("vol"))
             times: list[float] = []
+            probe = [os.urandom(BS) for _ in range(per_cycle)]
+            # The disk alone, just before the first cycle and just after the last: not
+            # between cycles, where it would give the background upkeep time of its own.
+            ref_first = sum(reference_write(work, probe) for _ in range(10))
             print(f"{format_size(args.size)} volume, {per_cycle} blocks "
                   f"({format_size(per_cycle * BS)}) rewritten per cycle, keep-last "
                   f"{args.keep_last}{', a reader on version 1' if reader else ''}")
@@ -99,16 +124,23 @@ def main() -> int:
                     reader.pread(BS, rng.randrange(blocks) * BS)  # still readable
                 if cycle in checkpoints:
                     time.sleep(6)  # one background pass settles what this cycle left
-                    disk, ref = du(srv.store), referenced(srv.store)
-                    print(f"cycle {cycle:>4}: on-disk {format_size(disk)}, referenced "
-                          f"{format_size(ref)}, on-disk / referenced {disk / ref:.2f}  "
+                    on_disk, ref = du(srv.store), referenced(srv.store)
+                    print(f"cycle {cycle:>4}: on-disk {format_size(on_disk)}, referenced "
+                          f"{format_size(ref)}, on-disk / referenced {on_disk / ref:.2f}  "
                           f"(target <= 1.3)")
+            time.sleep(6)  # the upkeep settles what the last cycles left: the disk alone
+            ref_last = sum(reference_write(work, probe) for _ in range(10))
             h.shutdown()
             if reader is not None:
                 reader.shutdown()
         first, last = sum(times[:10]), sum(times[-10:])
         print(f"last 10 / first 10 cycles: {last:.2f}s / {first:.2f}s = {last / first:.2f}  "
               f"(target <= 1.1)")
+        print(f"the disk itself, a cycle's worth of writes to a plain file and fdatasync, 10 "
+              f"times just before the first cycle and just after the last: "
+              f"{ref_last:.2f}s / {ref_first:.2f}s = "
+              f"{ref_last / ref_first:.2f}; the store's ratio over the disk's: "
+              f"{(last / first) / (ref_last / ref_first):.2f}")
     return 0
 
 
