@@ -385,6 +385,17 @@ def _damage_spread(path: Path, blocks: list[bytes]) -> None:
     lm.zero_page(seg, lm.find_pages(seg, "chunks", "leaf")[1].pgno)
 
 
+def _two_damaged_copies(spread: tuple[Path, list[bytes]], tmp_path: Path) -> tuple[Path, Path]:
+    """The store damaged by :func:`_damage_spread`, copied twice: one for verify in one
+    process, one for verify in workers (verify quarantines and repairs what it finds)."""
+    path, blocks = spread
+    _damage_spread(path, blocks)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    shutil.copytree(path, alone)
+    shutil.copytree(path, shared)
+    return alone, shared
+
+
 def _fresh_process(code: str) -> Any:
     """Run ``code`` in a new Python process (as the CLI runs: no other thread, so workers
     are forked; a test process has threads left by earlier tests) and parse the JSON it
@@ -402,11 +413,8 @@ def test_workers_find_exactly_what_one_process_finds(
     one process, on two copies of the same damaged store."""
     from nbdsink.store.chunks import digest
 
-    path, blocks = spread
-    _damage_spread(path, blocks)
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
-    shutil.copytree(path, alone)
-    shutil.copytree(path, shared)
+    blocks = spread[1]
+    alone, shared = _two_damaged_copies(spread, tmp_path)
     walks = _fresh_process(f"""
         import json
         from pathlib import Path
@@ -502,11 +510,7 @@ def test_workers_keep_away_from_damage_that_could_not_be_recorded(
     """When the walk's findings cannot be recorded in the store (a read-only copy: here the
     save fails by force), the workers are handed the walk itself: they keep away from the
     zeroed segment leaf exactly as one process does."""
-    path, blocks = spread
-    _damage_spread(path, blocks)
-    alone, shared = tmp_path / "alone", tmp_path / "shared"
-    shutil.copytree(path, alone)
-    shutil.copytree(path, shared)
+    alone, shared = _two_damaged_copies(spread, tmp_path)
     found = _fresh_process(f"""
         import json
         from nbdsink.store import check, structure
