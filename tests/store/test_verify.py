@@ -3,6 +3,7 @@ undamaged blocks read correctly, and the same content written again heals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -531,3 +533,41 @@ def test_workers_keep_away_from_damage_that_could_not_be_recorded(
     assert [env["environment"] for env in many["structure"]["damaged"]] == ["segment 2"]
     assert any("could not be recorded" in p for p in many["problems"])
     assert sum("segment 2" in d["problem"] for d in many["damaged_chunks"]) > 10
+
+
+def test_kill_9_of_verify_leaves_no_worker_running(spread: tuple[Path, list[bytes]]) -> None:
+    """kill -9 of `nbdsink verify --full` as soon as its workers exist: they end by
+    themselves (their parent's end of the pipes closed), and the store verifies clean."""
+    path = spread[0]
+    proc = subprocess.Popen([sys.executable, "-m", "nbdsink.cli.main", "verify", "--full",
+                             "--jobs", "2", "--store", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found: list[int] = []
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
+    def running(pid: int) -> bool:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return "\nState:\tZ" not in status  # a zombie has ended (its new parent reaps it)
+
+    deadline = time.monotonic() + 10
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        workers = children()
+    assert len(workers) == 2, "verify ended before its workers were seen"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(running(w) for w in workers)
+    after = _cli("verify", "--full", "--json", "--store", str(path))
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert json.loads(after.stdout)["chunks"] == 1201
