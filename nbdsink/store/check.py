@@ -251,7 +251,7 @@ def verify(store: Store, volume: str | None = None, version: int | None = None,
     counted = None
     if whole:
         wanted = None  # the whole store: every indexed chunk
-        if walk is None or not any(f.segment is None for f in walk.damaged):
+        if not _main_damaged(walk):
             counted = _count_refs(store)  # while the workers, if any, check chunks
     listed: set[bytes] = set()
     if checks is None:
@@ -548,6 +548,12 @@ def _cross_check(store: Store, r: Reading, volume: VolumeInfo, report: VerifyRep
                                          guard_low=low, guard_high=high))
 
 
+def _main_damaged(walk: structure.StructureReport | None) -> bool:
+    """Whether the walk found the main environment damaged (then the store is read-only and
+    its reference counts are not checked)."""
+    return walk is not None and any(f.segment is None for f in walk.damaged)
+
+
 def _count_refs(store: Store) -> dict[bytes, tuple[int, int]] | StoreError:
     """The chunks whose reference count is not the number of map entries that use them,
     as (count, uses) (both 0: unused and not marked as garbage); the error if they could
@@ -588,7 +594,7 @@ def _check_refs(store: Store, report: VerifyReport, walk: structure.StructureRep
     change records that disagree): counting a damaged map could lower a count that is right.
     ``counted``: what :func:`_count_refs` found earlier (else it is called now).
     """
-    if walk is not None and any(f.segment is None for f in walk.damaged):
+    if _main_damaged(walk):
         report.problems.append("reference counts not checked: the main environment is "
                                "damaged (garbage collection stops while the store is "
                                "read-only)")
