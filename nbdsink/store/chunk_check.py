@@ -235,7 +235,8 @@ def _raising(found: Iterator[BatchFound]) -> Iterator[BatchFound]:
 
 
 _worker: dict[str, Any] = {}
-"""In a worker: the store's path and ``full``; the store once opened."""
+"""In a worker: the store's path and ``full``; the store once opened, and whether the walk
+handed with the batches was taken."""
 
 
 def _start_worker(path: str, full: bool) -> None:
@@ -253,9 +254,10 @@ def _check_in_worker(task: tuple[list[Indexed], structure.StructureReport | None
             store = Store(_worker["path"])
             multiprocessing.util.Finalize(store, store.close, exitpriority=10)
             _worker["store"] = store
-        if walk is not None and walk is not _worker.get("walk"):
+        if walk is not None and not _worker.get("walk_taken"):
+            # The same walk comes with every batch of this pool's one verify: once is enough.
             store.reload_damage(walk)
-            _worker["walk"] = walk
+            _worker["walk_taken"] = True
         return check_batch(store, part, _worker["full"])
     except StoreError as exc:
         # Returned, not raised: our errors carry objects that need not survive pickling.
