@@ -73,6 +73,12 @@ def register(sub: Any) -> None:
                         "replicating continuously")
     p.add_argument("--verify-rate", type=parse_rate, default=0, metavar="BYTES/S",
                    help="device read rate of those comparisons, e.g. 20M (default: unlimited)")
+    p.add_argument("--device-replaced", action="store_true",
+                   help="DEVICE replaces, on purpose, the device this replication was started "
+                        "with (a restored copy, a new disk): accept its new identity and "
+                        "compare it with the replica in full (without this, a device whose "
+                        "identity changed is refused: a name like /dev/sdb can name another "
+                        "disk after a reboot)")
     p.add_argument("--tracker", choices=BACKENDS, default=None,
                    help="change tracker backend (default: the one already tracking DEVICE, "
                         "else bpf where the kernel has BTF, else dm)")
@@ -125,6 +131,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         tracker=args.tracker, verify=args.verify, verify_interval=args.verify_interval,
         verify_rate=args.verify_rate, io_timeout=args.io_timeout,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
+        device_replaced=args.device_replaced,
     )
     if args.metrics:
         from nbdsink.metrics import serve_metrics

@@ -17,6 +17,12 @@ class DeviceError(SenderError):
     """The source device cannot be opened or read (gone, shrunk, I/O error)."""
 
 
+class DeviceChanged(DeviceError):
+    """The path names another device than the one this replication was started with."""
+
+    exit_code = 5
+
+
 class VolumeMismatch(SenderError):
     """The remote volume does not fit the device or the state (size, block size)."""
 

@@ -25,8 +25,16 @@ from nbdsink.sender import freeze as freezing
 from nbdsink.sender.backoff import Backoff
 from nbdsink.sender.cycle import Cycle, CycleOptions, CycleResult, FreezeBudgetExceeded
 from nbdsink.sender.device import Device
-from nbdsink.sender.errors import DeviceError, FreezeError, HookError, RemoteError, StateError
+from nbdsink.sender.errors import (
+    DeviceChanged,
+    DeviceError,
+    FreezeError,
+    HookError,
+    RemoteError,
+    StateError,
+)
 from nbdsink.sender.groups import open_nursery
+from nbdsink.sender.identity import device_identity
 from nbdsink.sender.ratelimit import RateLimiter
 from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
 from nbdsink.sender.state import CycleRecord, SenderState, StateDir
@@ -80,6 +88,8 @@ class ReplicateOptions:
     """With once: compare the whole device with the version afterwards (verify.py)."""
     verify_interval: float = 0.0
     verify_rate: int = 0
+    device_replaced: bool = False
+    """Accept a device whose identity changed (replaced on purpose): compare it in full."""
 
 
 class Replicator:
@@ -120,15 +130,19 @@ class Replicator:
 
     def _state_for(self, device: Device, remote: NbdRemote, backend: str) -> SenderState:
         state = self.state_dir.load()
+        identity = device_identity(self.options.device)
         if state is None:
             state = SenderState(
                 device=self.options.device, uri=self.options.uri, volume=self.volume,
                 size=device.size, chunk_size=remote.block_size, tracker=backend,
+                device_id=identity,
             )
         else:
-            if state.volume != self.volume or (
-                os.path.realpath(state.device) != os.path.realpath(self.options.device)
-            ):
+            same_path = os.path.realpath(state.device) == os.path.realpath(self.options.device)
+            # A stable name (/dev/disk/by-id/...) may now point to another node than the
+            # name the state was started with: the device's identity says it is the same.
+            same_device = identity is not None and identity == state.device_id
+            if state.volume != self.volume or not (same_path or same_device):
                 raise StateError(
                     f"state directory {self.state_dir.path} belongs to the replication of "
                     f"{state.device} to volume {state.volume!r}; use another --state"
@@ -138,10 +152,36 @@ class Replicator:
                     f"{self.options.device} is now {device.size} bytes, it was {state.size}: "
                     "a resized device needs a new volume and a new state directory"
                 )
+            self._check_identity(state, identity)
+            if not same_path:
+                log.info("%s is now named %s", state.device, self.options.device)
+                state.device = self.options.device
             state.uri = self.options.uri
         remote.check(size=device.size, chunk_size=state.chunk_size)
         self.state_dir.save(state)
         return state
+
+    def _check_identity(self, state: SenderState, identity: str | None) -> None:
+        """Refuse a device that is not the one this replication was started with (unless
+        ``--device-replaced``); record the identity of an accepted one."""
+        if identity is None or identity == state.device_id:
+            return
+        if state.device_id is not None:
+            if not self.options.device_replaced:
+                raise DeviceChanged(
+                    f"{self.options.device} is not the device this replication was started "
+                    f"with: that was {state.device_id}; this is {identity}. Device names can "
+                    "change at boot: name the device by a stable path (/dev/disk/by-id/..., "
+                    "/dev/mapper/..., /dev/vg/lv). If the device was replaced on purpose (a "
+                    "restored copy, a new disk), run once with --device-replaced: it is then "
+                    "compared with the replica in full and only what differs is sent")
+            log.warning("%s is a replacement of %s (--device-replaced): comparing it with "
+                        "the replica in full", identity, state.device_id)
+            # Recorded with the new identity, in the same state file: sessions compare in
+            # full until one has committed a complete image of the new device, even if this
+            # one is interrupted (the identity alone would no longer ask for it).
+            state.synced = False
+        state.device_id = identity
 
     async def _tracker(self, remote: NbdRemote, state: SenderState) -> tuple[Tracker, bool]:
         """Attach to (or start) the device's tracker; True if a full sync is needed."""

@@ -68,6 +68,10 @@ class SenderState:
     last_error: str | None = None
     verify: dict[str, Any] | None = None
     """The last comparison of the device with the replica (chunks compared, differed, at)."""
+    device_id: str | None = None
+    """What the device said about itself (sender/identity.py) when this replication last
+    accepted it: a device whose identity differs is refused. None: unknown (a device that
+    says nothing stable, or a state written before identities were kept)."""
     format: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:
