@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
             "as not point-in-time consistent. SIGTERM or Ctrl-C stop it cleanly: nothing that "
             "was not acknowledged is forgotten."
         ),
+        epilog=("Exit status: 0 done (--once) or stopped; 1 an error (said on stderr); 2 "
+                "usage; 3 the volume does not fit the device; 5 DEVICE is not the device this "
+                "replication was started with (see --device-replaced)."),
     )
     p.add_argument("device", nargs="?", help="the block device to replicate, e.g. /dev/vg0/root")
     p.add_argument("uri", nargs="?",
