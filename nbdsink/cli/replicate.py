@@ -220,6 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     running = f"running (pid {report['pid']})" if report["running"] else "not running"
     out.write(f"sender:        {running}\n")
     out.write(f"device:        {report['device']} ({format_size(report['size'])})\n")
+    if report.get("device_id"):
+        out.write(f"identity:      {report['device_id']}\n")
     out.write(f"volume:        {report['volume']} at {report['uri']}\n")
     tracker = report.get("tracker_status")
     if tracker:

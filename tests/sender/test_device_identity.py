@@ -22,7 +22,7 @@ from nbdsink.sender.replicator import ReplicateOptions, Replicator
 from nbdsink.sender.state import SenderState, StateDir
 
 from .helpers import loop_device, make_image, run
-from .rig import REPO, Sender, server, stop_tracker
+from .rig import REPO, Sender, nbdsink, server, stop_tracker
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -123,6 +123,8 @@ def test_another_device_under_the_same_name_is_refused_until_declared_a_replacem
             saved = StateDir(state).load()
             assert saved is not None and saved.device_id == device_identity(dev)
             assert saved.synced and saved.last_version == 2
+            shown = nbdsink("status", "--state", str(state), check=False).stdout
+            assert f"identity:      {saved.device_id}" in shown
 
             # Accepted once, it is the replication's device from now on.
             again = _replicate(dev, srv.uri("vol"), state)
