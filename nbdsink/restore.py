@@ -119,6 +119,11 @@ class Source:
         between the assumed version and this one."""
         raise NotImplementedError
 
+    async def recorded_digests(self, first: int, count: int) -> bytes:
+        """Like :meth:`digests`, where the source can tell them without reading the blocks'
+        data (a local store's map records them)."""
+        return await self.digests(first, count)
+
     async def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the version's bytes from ``offset`` (a block boundary)."""
         raise NotImplementedError
@@ -172,6 +177,13 @@ class LocalSource(Source):
         read_version_digests(self.store, self.volume, self.version, memoryview(buf),
                              first * DIGEST_SIZE)
         return bytes(buf)
+
+    async def recorded_digests(self, first: int, count: int) -> bytes:
+        self._proceed()
+        store, zero = self.store, blake3.blake3(bytes(self.block_size)).digest()
+        found = store.read(lambda r: store.block_digests(r, self.volume, self.version, first,
+                                                         count))
+        return b"".join(zero if d is None else d for d in found)
 
     @functools.cached_property
     def _candidates(self) -> list[int] | None:
@@ -473,16 +485,17 @@ def _running_senders(device: str) -> list[str]:
     return running
 
 
-def tracked_dirty_blocks(device: str, block_size: int) -> set[int]:
+def tracked_dirty_blocks(device: str, block_size: int) -> set[int] | None:
     """Blocks the tracker of ``device`` holds as written since some consumer's last
-    acknowledgement (nothing is acknowledged: the next cycle still sends them)."""
+    acknowledgement (nothing is acknowledged: the next cycle still sends them); None when
+    no tracker tracks ``device``."""
     from nbdsink.tracker import TrackerError, registry
     from nbdsink.tracker.consumers import ConsumerTracker, consumer_records
 
     try:
         tracker = registry.open_tracker(device, consumer=None)
     except TrackerError:
-        return set()
+        return None
     out: set[int] = set()
     try:
         consumers: list[str | None] = list(consumer_records(tracker))
@@ -494,6 +507,42 @@ def tracked_dirty_blocks(device: str, block_size: int) -> set[int]:
     finally:
         tracker.close()
     return out
+
+
+SPOT_CHECKS = 16
+"""With --assume: how many places of the destination are read to check the assumption."""
+SPOT_BLOCKS = 4
+"""Consecutive blocks read at each place (one digests request and one read per place)."""
+
+
+async def check_assumption(source: Source, dest: Destination, assume: str,
+                           planned: list[int]) -> None:
+    """Raise :class:`RestoreError` unless the destination holds the version's blocks where
+    nothing is to be written, at :data:`SPOT_CHECKS` places spread over it.
+
+    ``--assume`` trusts the destination to hold the assumed version plus its tracked
+    writes, and writes only where those differ from the version restored. Trusted wrongly (a
+    name like ``/dev/sdb`` now naming another disk, writes made while nothing tracked the
+    device), the result would be a mix of both, with no error. A few reads catch another
+    device, or a device written all over; they cannot catch a few untracked blocks."""
+    bs = source.block_size
+    blocks = -(-source.size // bs)
+    skip = set(planned)
+    for i in range(SPOT_CHECKS):
+        first = min(i * blocks // SPOT_CHECKS, max(0, blocks - SPOT_BLOCKS))
+        count = min(SPOT_BLOCKS, blocks - first)
+        if all(b in skip for b in range(first, first + count)):
+            continue
+        theirs = await source.recorded_digests(first, count)
+        length = min(count * bs, source.size - first * bs)
+        differ = [b for b in await source.blocking(_differing, dest, first, length, bs, theirs)
+                  if b not in skip]
+        if differ:
+            raise RestoreError(
+                f"{dest.path} does not hold {assume} where nothing is to be written (block "
+                f"{differ[0]} differs): it is not the device --assume says, or it was written "
+                "while nothing tracked it. Run without --assume: the whole device is compared "
+                "and only what differs is written")
 
 
 # -- planning and writing ----------------------------------------------------------------------
@@ -508,8 +557,16 @@ async def plan(source: Source, dest: Destination, assume: str | None,
     blocks = -(-source.size // bs)
     result = RestorePlan(source.name, bs, source.size, assumed=assume)
     step = max(1, RANGE // bs)
-    dirty = (sorted(await source.blocking(tracked_dirty_blocks, dest.path, bs))
-             if assume and dest.is_block else [])
+    dirty: list[int] = []
+    if assume and dest.is_block:
+        tracked = await source.blocking(tracked_dirty_blocks, dest.path, bs)
+        if tracked is None:
+            raise RestoreError(
+                f"nothing tracks {dest.path}, so what was written to it since {assume} cannot "
+                "be known (a reboot ends eBPF tracking; a sender's tracker runs until `nbdsink "
+                "track stop`). Run without --assume: the whole device is compared and only "
+                "what differs is written")
+        dirty = sorted(tracked)
     for first in range(0, blocks, step):
         count = min(step, blocks - first)
         if assume:
@@ -525,6 +582,8 @@ async def plan(source: Source, dest: Destination, assume: str | None,
         result.compared += count
         if progress is not None:
             progress("compare", result.compared, blocks)
+    if assume:
+        await check_assumption(source, dest, assume, result.blocks)
     return result
 
 

@@ -180,3 +180,49 @@ def test_ctrl_c_stops_between_steps_and_the_store_still_closes(
         signal.signal(signal.SIGINT, inherited)
     assert closed and len(calls) < BLOCKS // 2  # stopped early, DEST fsynced and closed
     store.close()  # no read was left half-ended
+
+
+def test_assume_refuses_a_destination_that_does_not_hold_the_assumed_version(
+        store: Store, tmp_path: Path) -> None:
+    """--assume trusts the destination: another device (or one written all over while
+    nothing tracked it) would end as a mix of both. A few reads catch it first."""
+    rng = random.Random(7)
+    v2 = _commit(store, "vol", {b: rng.randbytes(BS) for b in rng.sample(range(BLOCKS), 50)})
+    dest = tmp_path / "dest.img"
+    other = rng.randbytes(BLOCKS * BS)  # another device of the same size
+    dest.write_bytes(other)
+    with pytest.raises(restore.RestoreError, match="does not hold vol@1 where nothing"):
+        _restore(store, f"vol@{v2}", dest, "vol@1")
+    assert dest.read_bytes() == other  # nothing written
+    # The assumed version, but for a region written while nothing tracked it.
+    image = bytearray(_image(store, "vol", 1))
+    image[: 64 * BS] = rng.randbytes(64 * BS)
+    dest.write_bytes(bytes(image))
+    with pytest.raises(restore.RestoreError, match="Run without --assume"):
+        _restore(store, f"vol@{v2}", dest, "vol@1")
+    assert dest.read_bytes() == bytes(image)
+    # As the message says: without --assume the whole device is compared.
+    _restore(store, f"vol@{v2}", dest, None)
+    assert dest.read_bytes() == _image(store, "vol", v2)
+
+
+@pytest.mark.root
+def test_assume_refuses_a_block_device_nothing_tracks(store: Store, tmp_path: Path) -> None:
+    """With no tracker, writes made since the assumed version (a reboot ends eBPF tracking,
+    and a boot writes to its disk) cannot be known: --assume is refused."""
+    import subprocess
+
+    rng = random.Random(8)
+    v2 = _commit(store, "vol", {b: rng.randbytes(BS) for b in range(0, BLOCKS, 5)})
+    image = tmp_path / "disk.img"
+    image.write_bytes(_image(store, "vol", 1))
+    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        with pytest.raises(restore.RestoreError, match=f"nothing tracks {dev}"):
+            _restore(store, f"vol@{v2}", Path(dev), "vol@1")
+        assert image.read_bytes() == _image(store, "vol", 1)
+        _restore(store, f"vol@{v2}", Path(dev), None)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    assert image.read_bytes() == _image(store, "vol", v2)

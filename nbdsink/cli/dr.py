@@ -40,7 +40,9 @@ def register(sub: Any) -> None:
     r.add_argument("--assume", metavar="VOL@M",
                    help="trust that DEST holds VOL@M plus what the tracker on DEST recorded "
                         "since: write exactly the blocks that differ between VOL@M and SOURCE "
-                        "(from the store's maps, DEST is not read) and those dirty blocks")
+                        "(from the store's maps) and those dirty blocks. Refused for a block "
+                        "device nothing tracks, and when DEST, read at a few places, does not "
+                        "hold VOL@M where nothing is to be written")
     r.add_argument("--dry-run", action="store_true", help="only say what would be written")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     add_store_argument(r)
