@@ -23,8 +23,9 @@ regular file) has no identity: :func:`device_identity` returns None and nothing 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
+
+from nbdsink.tracker.blockdev import block_numbers
 
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 UDEV_DATA = Path("/run/udev/data")
@@ -35,13 +36,10 @@ _UDEV_KEYS = ("DM_UUID", "MD_UUID", "ID_WWN_WITH_EXTENSION", "ID_WWN", "ID_SERIA
 def device_identity(path: str) -> str | None:
     """A stable, human-readable identity of the block device at ``path``; None when it is
     not a block device or says nothing stable about itself."""
-    try:
-        st = os.stat(path)
-    except OSError:
+    numbers = block_numbers(path)
+    if numbers is None:
         return None
-    if not stat.S_ISBLK(st.st_mode):
-        return None
-    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    major, minor = numbers
     try:
         sysdir = (SYS_DEV_BLOCK / f"{major}:{minor}").resolve(strict=True)
     except OSError:

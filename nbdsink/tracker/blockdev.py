@@ -50,6 +50,17 @@ def _dev_numbers(path: Path) -> tuple[int, int]:
     return int(major), int(minor)
 
 
+def block_numbers(path: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of the block device at ``path``; None when there is none there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
 def probe(device: str) -> BlockDevice:
     """Describe ``device``; a clear :class:`TrackerError` if it is not a block device."""
     try:

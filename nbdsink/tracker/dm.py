@@ -23,7 +23,6 @@ import fcntl
 import mmap
 import os
 import re
-import stat
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from nbdsink.tracker.base import (
     TrackerStatus,
     TrackingLost,
 )
-from nbdsink.tracker.blockdev import check_chunk_size, probe
+from nbdsink.tracker.blockdev import block_numbers, check_chunk_size, probe
 
 BACKEND = "dm"
 TARGET = "nbdsink"
@@ -419,12 +418,9 @@ def _origin_name(dev: str) -> str | None:
     if ":" in dev and not dev.startswith("/"):
         major, minor = (int(x) for x in dev.split(":"))
     else:
-        try:
-            st = os.stat(dev)
-        except OSError:
+        numbers = block_numbers(dev)
+        if numbers is None:
             return None
-        if not stat.S_ISBLK(st.st_mode):
-            return None
-        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        major, minor = numbers
     name = _dm_name(major, minor)
     return name if name is not None and name.endswith(ORIGIN_SUFFIX) else None
