@@ -206,3 +206,57 @@ def test_an_accepted_replacement_is_compared_in_full_until_a_cycle_commits(
     same = state()
     lenient._check_identity(same, "serial A")  # nothing replaced: nothing changes
     assert same == state()
+
+
+def test_identity_from_sysfs_of_each_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each kind of device says about itself (device-mapper and md are not in the host's
+    kernel here: their sysfs entries are laid out as the kernel does)."""
+    from nbdsink.sender import identity
+
+    root = tmp_path / "devices"
+
+    def device(numbers: tuple[int, int], rel: str, files: dict[str, str]) -> None:
+        d = root / rel
+        for name, text in files.items():
+            (d / name).parent.mkdir(parents=True, exist_ok=True)
+            (d / name).write_text(text + "\n")
+        d.mkdir(parents=True, exist_ok=True)
+        link = tmp_path / "dev-block" / f"{numbers[0]}:{numbers[1]}"
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(d)
+
+    device((253, 0), "virtual/block/dm-0", {"dm/uuid": "LVM-abcdef", "dm/name": "vg-root"})
+    device((253, 1), "virtual/block/dm-1", {"dm/uuid": "", "dm/name": "plain"})
+    device((9, 0), "virtual/block/md0", {"md/uuid": "1b2c:3d4e"})
+    device((8, 0), "pci/host0/block/sda", {"device/wwid": "naa.5000c500a1b2c3d4"})
+    device((8, 1), "pci/host0/block/sda/sda1", {"partition": "1", "start": "2048"})
+    device((252, 0), "pci/virtio1/block/vda", {"serial": "disk-7"})
+    device((252, 16), "pci/virtio2/block/vdb", {"serial": ""})
+    monkeypatch.setattr(identity, "SYS_DEV_BLOCK", tmp_path / "dev-block")
+    monkeypatch.setattr(identity, "UDEV_DATA", tmp_path / "no-udev")
+    monkeypatch.setattr(identity, "block_numbers",
+                        lambda path: tuple(int(x) for x in path.split(":")))
+    assert identity.device_identity("253:0") == "dm uuid LVM-abcdef"
+    assert identity.device_identity("253:1") == "dm name plain"
+    assert identity.device_identity("9:0") == "md uuid 1b2c:3d4e"
+    assert identity.device_identity("8:0") == "wwid naa.5000c500a1b2c3d4"
+    assert identity.device_identity("8:1") == ("wwid naa.5000c500a1b2c3d4 partition 1 at "
+                                               "sector 2048")
+    assert identity.device_identity("252:0") == "serial disk-7"
+    assert identity.device_identity("252:16") is None  # a virtio disk given no serial
+    assert identity.device_identity("7:99") is None  # not in sysfs
+
+
+def test_identity_from_udev_when_sysfs_says_nothing(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbdsink.sender import identity
+
+    monkeypatch.setattr(identity, "UDEV_DATA", tmp_path)
+    (tmp_path / "b8:16").write_text("S:disk/by-id/ata-DISK_1234\nE:ID_SERIAL=DISK_1234\n"
+                                    "E:ID_WWN=0x5000c500a1b2c3d4\nG:systemd\n")
+    assert identity._udev_identity(8, 16) == "udev ID_WWN 0x5000c500a1b2c3d4"
+    (tmp_path / "b8:32").write_text("E:ID_SERIAL=DISK_5678\n")
+    assert identity._udev_identity(8, 32) == "udev ID_SERIAL DISK_5678"
+    (tmp_path / "b8:48").write_text("E:ID_TYPE=disk\n")
+    assert identity._udev_identity(8, 48) is None
+    assert identity._udev_identity(8, 64) is None  # no record at all
