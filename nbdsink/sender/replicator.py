@@ -165,6 +165,10 @@ class Replicator:
         """Refuse a device that is not the one this replication was started with (unless
         ``--device-replaced``); record the identity of an accepted one."""
         if identity is None or identity == state.device_id:
+            if self.options.device_replaced and identity is not None:
+                log.warning("--device-replaced, but %s is the device this replication was "
+                            "started with: leave the option out (kept, it would let another "
+                            "device in unnoticed)", self.options.device)
             return
         if state.device_id is not None:
             if not self.options.device_replaced:

@@ -129,6 +129,9 @@ def test_another_device_under_the_same_name_is_refused_until_declared_a_replacem
             # Accepted once, it is the replication's device from now on.
             again = _replicate(dev, srv.uri("vol"), state)
             assert again.returncode == 0, again.stderr
+            # The option left in place is pointed out: it would let another device in.
+            kept = _replicate(dev, srv.uri("vol"), state, "--device-replaced")
+            assert kept.returncode == 0 and "leave the option out" in kept.stderr
         finally:
             stop_tracker(dev)
             run("losetup", "-d", dev, check=False)
