@@ -31,7 +31,8 @@ def register(sub: Any) -> None:
         ),
         epilog=("Exit status: 0 done (--once) or stopped; 1 an error (said on stderr); 2 "
                 "usage; 3 the volume does not fit the device; 5 DEVICE is not the device this "
-                "replication was started with (see --device-replaced)."),
+                "replication was started with (see --device-replaced); 6 another "
+                "replication committed the volume's newest version (see --take-over)."),
     )
     p.add_argument("device", nargs="?", help="the block device to replicate, e.g. /dev/vg0/root")
     p.add_argument("uri", nargs="?",
@@ -82,6 +83,11 @@ def register(sub: Any) -> None:
                         "compare it with the replica in full (without this, a device whose "
                         "identity changed is refused: a name like /dev/sdb can name another "
                         "disk after a reboot)")
+    p.add_argument("--take-over", action="store_true",
+                   help="replicate into the volume even though another replication (another "
+                        "host or device) committed its newest version: the device moved to "
+                        "another host, say (without this, such a volume is refused: two "
+                        "replications into one volume would mix their devices)")
     p.add_argument("--tracker", choices=BACKENDS, default=None,
                    help="change tracker backend (default: the one already tracking DEVICE, "
                         "else bpf where the kernel has BTF, else dm)")
@@ -134,7 +140,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         tracker=args.tracker, verify=args.verify, verify_interval=args.verify_interval,
         verify_rate=args.verify_rate, io_timeout=args.io_timeout,
         rate=args.rate, max_freeze=args.max_freeze, window=args.window,
-        device_replaced=args.device_replaced,
+        device_replaced=args.device_replaced, take_over=args.take_over,
     )
     if args.metrics:
         from nbdsink.metrics import serve_metrics

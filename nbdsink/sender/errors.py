@@ -23,6 +23,12 @@ class DeviceChanged(DeviceError):
     exit_code = 5
 
 
+class VolumeInUse(SenderError):
+    """Another replication committed the volume's newest version."""
+
+    exit_code = 6
+
+
 class VolumeMismatch(SenderError):
     """The remote volume does not fit the device or the state (size, block size)."""
 

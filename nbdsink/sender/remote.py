@@ -23,6 +23,7 @@ from nbdsink import nbd
 from nbdsink.contract import DIGEST_SIZE, digests_export
 from nbdsink.nbd import Connection, NBDOptionError, TLSConfig
 from nbdsink.sender.errors import VolumeMismatch
+from nbdsink.sender.ownership import LABEL
 from nbdsink.sender.plan import Extent
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class NbdRemote:
         # Another NBD server: its preferred block size is the best guess.
         self.block_size = block_size_from_description(conn.description) or conn.block_size[1]
         self._head_digests = head_digests if self._is_digests_view(head_digests) else None
+        self.replication: str | None = None
+        """The replication's ID, put on every commit as a label (sender/ownership.py)."""
 
     def _is_digests_view(self, conn: Connection | None) -> bool:
         blocks = -(-self.size // self.block_size)
@@ -165,6 +168,8 @@ class NbdRemote:
         """FLUSH with these attributes; the version it made, or None when it made none
         (nothing had changed: the newest version stays what it was)."""
         before = await self.latest_version()
+        if self.replication is not None:
+            labels = {**labels, LABEL: self.replication}
         name = head_name(self.volume, consistency, labels)
         async with nbd.connect(with_export(self.uri, name), self.tls,
                                timeout=self.timeout) as committer:
@@ -174,11 +179,15 @@ class NbdRemote:
 
     async def latest_version(self) -> int | None:
         """The newest committed version (None when the volume has none yet)."""
+        return version_from_description(await self.latest_description())
+
+    async def latest_description(self) -> str | None:
+        """How the server describes the newest version (None when there is none yet)."""
         try:
             async with nbd.connect(
                 with_export(self.uri, f"{self.volume}@latest"), self.tls, timeout=self.timeout
             ) as latest:
-                return version_from_description(latest.description)
+                return latest.description
         except NBDOptionError:
             return None
 

@@ -32,9 +32,11 @@ from nbdsink.sender.errors import (
     HookError,
     RemoteError,
     StateError,
+    VolumeInUse,
 )
 from nbdsink.sender.groups import open_nursery
 from nbdsink.sender.identity import device_identity
+from nbdsink.sender.ownership import committed_by, replication_id
 from nbdsink.sender.ratelimit import RateLimiter
 from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
 from nbdsink.sender.state import CycleRecord, SenderState, StateDir
@@ -90,6 +92,8 @@ class ReplicateOptions:
     verify_rate: int = 0
     device_replaced: bool = False
     """Accept a device whose identity changed (replaced on purpose): compare it in full."""
+    take_over: bool = False
+    """Replicate into a volume whose newest version another replication committed."""
 
 
 class Replicator:
@@ -105,6 +109,8 @@ class Replicator:
         self.cycle_lock = trio.Lock()
         """Held by each cycle, and by each step of a comparison with the replica."""
         self.tracker_now: Tracker | None = None
+        self.replication: str | None = None
+        """This replication's ID (host and device, sender/ownership.py), set per session."""
 
     # -- start-up checks ----------------------------------------------------------------
 
@@ -131,6 +137,7 @@ class Replicator:
     def _state_for(self, device: Device, remote: NbdRemote, backend: str) -> SenderState:
         state = self.state_dir.load()
         identity = device_identity(self.options.device)
+        self.replication = replication_id(self.options.device, identity)
         if state is None:
             state = SenderState(
                 device=self.options.device, uri=self.options.uri, volume=self.volume,
@@ -186,6 +193,24 @@ class Replicator:
             # one is interrupted (the identity alone would no longer ask for it).
             state.synced = False
         state.device_id = identity
+
+    async def _check_owner(self, remote: NbdRemote) -> None:
+        """Refuse a volume whose newest version another replication committed (unless told
+        to take it over); label this replication's commits."""
+        assert self.replication is not None
+        owner = committed_by(await remote.latest_description())
+        if owner is not None and owner != self.replication:
+            if not (self.options.take_over or self.options.device_replaced):
+                raise VolumeInUse(
+                    f"volume {remote.volume!r}: its newest version was committed by another "
+                    f"replication (ID {owner}; this one, {self.options.device} on this host, is "
+                    f"{self.replication}). Two replications into one volume would mix their "
+                    "devices in every version: give each device its own volume. If this one "
+                    "takes the volume over on purpose (the device moved to another host, "
+                    "say), run once with --take-over")
+            log.warning("taking volume %s over from replication %s (--take-over)",
+                        remote.volume, owner)
+        remote.replication = self.replication
 
     async def _tracker(self, remote: NbdRemote, state: SenderState) -> tuple[Tracker, bool]:
         """Attach to (or start) the device's tracker; True if a full sync is needed."""
@@ -266,6 +291,7 @@ class Replicator:
                 state = await trio.to_thread.run_sync(
                     self._state_for, device, remote, backend)
                 state.tracker = backend
+                await self._check_owner(remote)
                 tracker, full = await self._tracker(remote, state)
                 self.tracker_now = tracker
                 try:

@@ -136,8 +136,12 @@ def _head_description(volume: VolumeInfo, pending: int) -> str:
 
 
 def _version_description(v: VersionInfo) -> str:
+    # The replication that committed it (a sender's label): a sender refuses to replicate
+    # into a volume whose newest version another replication committed.
+    by = v.labels.get("replication")
     return (f"version {v.version} of {v.volume}, committed {v.time}, consistency "
-            f"{v.consistency}, {v.blocks_changed} blocks changed, {v.bytes_stored} bytes stored")
+            f"{v.consistency}, {v.blocks_changed} blocks changed, {v.bytes_stored} bytes stored"
+            + (f", replication {by}" if by and by.isalnum() else ""))
 
 
 class Session:

@@ -774,7 +774,11 @@ class Store:
             record = {"version": 1, "timestamp": round(time.time(), 6), "size": source.size,
                       "time": utc_iso(time.time()), "blocks_changed": 0, "bytes_stored": 0,
                       "chunks_stored": 0, "consistency": base_info.consistency,
-                      "labels": {**base_info.labels, "clone_of": f"{source.name}@{version}"}}
+                      # No replication committed the clone's version 1: whichever first
+                      # replicates into the clone owns it (see sender/ownership.py).
+                      "labels": {**{k: v for k, v in base_info.labels.items()
+                                    if k != "replication"},
+                                 "clone_of": f"{source.name}@{version}"}}
             txn.put(keys.version_key(vid, 1), json.dumps(record).encode(), db=self._versions)
             txn.put(b"last_version:" + _u32(vid), b"1", db=self._meta)
             return info

@@ -1,0 +1,106 @@
+"""One volume, one replication: a second device replicated into the same volume (two hosts
+given the same volume name) is refused, so that no version mixes two devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .helpers import loop_device, make_image, run
+from .rig import REPO, Sender, nbdsink, server, stop_tracker
+
+pytestmark = pytest.mark.root
+
+MiB = 1 << 20
+SIZE = 32 * MiB
+
+
+def _random_image(path: Path) -> Path:
+    make_image(path, SIZE)
+    with open(path, "r+b") as f:
+        f.write(os.urandom(SIZE))
+    return path
+
+
+def _replicate(dev: str, uri: str, state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*Sender.command(), dev, uri, "--state", str(state), "--once", *extra],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def _version_bytes(srv, version: int, tmp: Path) -> bytes:  # type: ignore[no-untyped-def]
+    out = tmp / f"v{version}.img"
+    run("nbdcopy", srv.uri(f"vol@{version}"), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _description(srv, export: str) -> str:  # type: ignore[no-untyped-def]
+    out = run("nbdinfo", "--json", srv.uri(export)).stdout
+    return str(json.loads(out)["exports"][0].get("description", ""))
+
+
+def test_a_second_device_into_the_same_volume_is_refused_unless_it_takes_over(
+        tmp_path: Path) -> None:
+    a = _random_image(tmp_path / "a.img")
+    b = _random_image(tmp_path / "b.img")
+    with server(tmp_path, "vol", SIZE) as srv, loop_device(a) as dev_a, \
+            loop_device(b) as dev_b:
+        try:
+            first = _replicate(dev_a, srv.uri("vol"), tmp_path / "state-a")
+            assert first.returncode == 0, first.stderr
+            assert ", replication " in _description(srv, "vol@1")
+
+            # Another device, with its own state (another host given the same volume name).
+            refused = _replicate(dev_b, srv.uri("vol"), tmp_path / "state-b")
+            assert refused.returncode == 6, refused.stderr
+            assert "committed by another replication" in refused.stderr
+            assert "--take-over" in refused.stderr and "Traceback" not in refused.stderr
+            assert [v["version"] for v in srv.versions("vol")] == [1]
+            assert _version_bytes(srv, 1, tmp_path) == a.read_bytes()
+
+            # The first replication carries on, even with its state directory lost.
+            with open(dev_a, "r+b") as f:
+                f.seek(3 * MiB)
+                f.write(os.urandom(MiB))
+                os.fsync(f.fileno())
+            again = _replicate(dev_a, srv.uri("vol"), tmp_path / "state-a-new")
+            assert again.returncode == 0, again.stderr
+            assert _version_bytes(srv, 2, tmp_path) == a.read_bytes()
+
+            # Taken over on purpose: from then on the volume is B's, and A is refused.
+            taken = _replicate(dev_b, srv.uri("vol"), tmp_path / "state-b", "--take-over")
+            assert taken.returncode == 0, taken.stderr
+            assert "taking volume vol over" in taken.stderr
+            assert _version_bytes(srv, 3, tmp_path) == b.read_bytes()
+            assert _version_bytes(srv, 2, tmp_path) == a.read_bytes()
+            back = _replicate(dev_a, srv.uri("vol"), tmp_path / "state-a-new")
+            assert back.returncode == 6, back.stderr
+            assert [v["version"] for v in srv.versions("vol")] == [1, 2, 3]
+        finally:
+            stop_tracker(dev_a)
+            stop_tracker(dev_b)
+
+
+def test_a_clone_belongs_to_whoever_replicates_into_it(tmp_path: Path) -> None:
+    a = _random_image(tmp_path / "a.img")
+    b = _random_image(tmp_path / "b.img")
+    with server(tmp_path, "vol", SIZE) as srv, loop_device(a) as dev_a, \
+            loop_device(b) as dev_b:
+        try:
+            assert _replicate(dev_a, srv.uri("vol"), tmp_path / "state-a").returncode == 0
+            nbdsink("clone", "vol@1", "dr", "--store", str(srv.store))
+            assert ", replication " not in _description(srv, "dr@1")
+            # The DR machine's device goes into the clone: nobody replicated into it yet.
+            into_clone = _replicate(dev_b, srv.uri("dr"), tmp_path / "state-b")
+            assert into_clone.returncode == 0, into_clone.stderr
+            out = tmp_path / "dr2.img"
+            run("nbdcopy", srv.uri("dr@2"), str(out))
+            assert out.read_bytes() == b.read_bytes()
+        finally:
+            stop_tracker(dev_a)
+            stop_tracker(dev_b)
