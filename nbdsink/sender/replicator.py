@@ -111,6 +111,8 @@ class Replicator:
         self.tracker_now: Tracker | None = None
         self.replication: str | None = None
         """This replication's ID (host and device, sender/ownership.py), set per session."""
+        self._latest_owner: str | None = None
+        """Which replication committed the volume's newest version (None: not known)."""
 
     # -- start-up checks ----------------------------------------------------------------
 
@@ -210,6 +212,7 @@ class Replicator:
                     "say), run once with --take-over")
             log.warning("taking volume %s over from replication %s (--take-over)",
                         remote.volume, owner)
+        self._latest_owner = owner
         remote.replication = self.replication
 
     async def _tracker(self, remote: NbdRemote, state: SenderState) -> tuple[Tracker, bool]:
@@ -241,6 +244,18 @@ class Replicator:
                 log.warning(
                     "the remote volume's newest version is %s but version %s was acknowledged "
                     "(store restored or replaced?): resynchronising by comparison",
+                    latest, state.last_version,
+                )
+                return tracker, True
+            if (state.synced and state.last_version is not None
+                    and (latest or 0) > state.last_version
+                    and self._latest_owner != self.replication):
+                # Another writer committed versions (nbdcopy, a client on the head, a
+                # replication taken over): the head holds what it wrote where this device's
+                # tracker saw nothing. Only sending the tracked chunks would keep that.
+                log.warning(
+                    "the remote volume's newest version is %s, after this replication's %s, "
+                    "and this replication did not commit it: resynchronising by comparison",
                     latest, state.last_version,
                 )
                 return tracker, True

@@ -104,3 +104,26 @@ def test_a_clone_belongs_to_whoever_replicates_into_it(tmp_path: Path) -> None:
         finally:
             stop_tracker(dev_a)
             stop_tracker(dev_b)
+
+
+def test_versions_another_writer_committed_are_replaced_by_a_comparison(
+        tmp_path: Path) -> None:
+    """Something else wrote the head and committed (qemu-io here; a client attached to the
+    head): the device's tracker saw none of it, so sending only what it saw would keep the
+    other writes in every later version. The next session compares in full instead."""
+    a = _random_image(tmp_path / "a.img")
+    state = tmp_path / "state"
+    with server(tmp_path, "vol", SIZE) as srv, loop_device(a) as dev:
+        try:
+            assert _replicate(dev, srv.uri("vol"), state).returncode == 0
+            # Four MiB of other data at 8 MiB, committed as version 2 by another writer.
+            run("qemu-io", "-f", "raw", "-c", f"write -P 0xab {8 * MiB} {4 * MiB}", "-c",
+                "flush", srv.uri("vol"))
+            assert [v["version"] for v in srv.versions("vol")] == [1, 2]
+            assert _version_bytes(srv, 2, tmp_path) != a.read_bytes()
+            again = _replicate(dev, srv.uri("vol"), state)
+            assert again.returncode == 0, again.stderr
+            assert "resynchronising by comparison" in again.stderr
+            assert _version_bytes(srv, 3, tmp_path) == a.read_bytes()
+        finally:
+            stop_tracker(dev)
