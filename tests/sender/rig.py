@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .helpers import run
+from .helpers import make_image, run
 
 NBDSINK = [sys.executable, "-m", "nbdsink.cli.main"]
 REPO = Path(__file__).resolve().parents[2]
@@ -209,3 +209,27 @@ def same_bytes(a: str, b: str, size: int) -> bool:
                 return False
             pos += n
     return True
+
+
+def random_image(path: Path, size: int) -> Path:
+    """An image file of ``size`` random bytes (a device's content)."""
+    make_image(path, size)
+    with open(path, "r+b") as f:
+        f.write(os.urandom(size))
+    return path
+
+
+def replicate_once(dev: str, uri: str, state: Path, *extra: str
+                   ) -> subprocess.CompletedProcess[str]:
+    """``nbdsink replicate DEV URI --state STATE --once ...``, its output captured."""
+    return subprocess.run([*NBDSINK, "replicate", dev, uri, "--state", str(state), "--once",
+                           *extra], capture_output=True, text=True, cwd=REPO)
+
+
+def export_bytes(srv: Server, export: str, tmp: Path) -> bytes:
+    """The whole content of ``export`` (a version), copied out with nbdcopy."""
+    out = tmp / "export.img"
+    run("nbdcopy", srv.uri(export), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data

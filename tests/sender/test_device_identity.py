@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,30 +21,10 @@ from nbdsink.sender.replicator import ReplicateOptions, Replicator
 from nbdsink.sender.state import SenderState, StateDir
 
 from .helpers import loop_device, make_image, run
-from .rig import REPO, Sender, nbdsink, server, stop_tracker
+from .rig import export_bytes, nbdsink, random_image, replicate_once, server, stop_tracker
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-
-
-def _random_image(path: Path) -> Path:
-    make_image(path, SIZE)
-    with open(path, "r+b") as f:
-        f.write(os.urandom(SIZE))
-    return path
-
-
-def _replicate(dev: str, uri: str, state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*Sender.command(), dev, uri, "--state", str(state), "--once", *extra],
-                          capture_output=True, text=True, cwd=REPO)
-
-
-def _version_bytes(srv, version: int, tmp: Path) -> bytes:  # type: ignore[no-untyped-def]
-    out = tmp / f"v{version}.img"
-    run("nbdcopy", srv.uri(f"vol@{version}"), str(out))
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 @pytest.mark.root
@@ -89,13 +68,13 @@ def _losetup_at(dev: str, image: Path) -> None:
 @pytest.mark.root
 def test_another_device_under_the_same_name_is_refused_until_declared_a_replacement(
         tmp_path: Path) -> None:
-    a = _random_image(tmp_path / "a.img")
-    b = _random_image(tmp_path / "b.img")
+    a = random_image(tmp_path / "a.img", SIZE)
+    b = random_image(tmp_path / "b.img", SIZE)
     state = tmp_path / "state"
     with server(tmp_path, "vol", SIZE) as srv:
         with loop_device(a) as dev:
             try:
-                first = _replicate(dev, srv.uri("vol"), state)
+                first = replicate_once(dev, srv.uri("vol"), state)
                 assert first.returncode == 0, first.stderr
             finally:
                 stop_tracker(dev)
@@ -105,21 +84,21 @@ def test_another_device_under_the_same_name_is_refused_until_declared_a_replacem
         # The same name now names another image (as /dev/sdb may after a reboot).
         _losetup_at(dev, b)
         try:
-            refused = _replicate(dev, srv.uri("vol"), state)
+            refused = replicate_once(dev, srv.uri("vol"), state)
             assert refused.returncode == 5, refused.stderr
             assert "is not the device this replication was started with" in refused.stderr
             assert "--device-replaced" in refused.stderr and "Traceback" not in refused.stderr
             # Nothing of the other image reached the volume; the state still names A.
             assert [v["version"] for v in srv.versions("vol")] == [1]
-            assert _version_bytes(srv, 1, tmp_path) == a.read_bytes()
+            assert export_bytes(srv, "vol@1", tmp_path) == a.read_bytes()
             assert StateDir(state).load() == recorded
 
-            accepted = _replicate(dev, srv.uri("vol"), state, "--device-replaced")
+            accepted = replicate_once(dev, srv.uri("vol"), state, "--device-replaced")
             assert accepted.returncode == 0, accepted.stderr
             assert "replacement" in accepted.stderr
             latest = srv.versions("vol")[-1]["version"]
-            assert latest == 2 and _version_bytes(srv, 2, tmp_path) == b.read_bytes()
-            assert _version_bytes(srv, 1, tmp_path) == a.read_bytes()
+            assert latest == 2 and export_bytes(srv, "vol@2", tmp_path) == b.read_bytes()
+            assert export_bytes(srv, "vol@1", tmp_path) == a.read_bytes()
             saved = StateDir(state).load()
             assert saved is not None and saved.device_id == device_identity(dev)
             assert saved.synced and saved.last_version == 2
@@ -127,10 +106,10 @@ def test_another_device_under_the_same_name_is_refused_until_declared_a_replacem
             assert f"identity:      {saved.device_id}" in shown
 
             # Accepted once, it is the replication's device from now on.
-            again = _replicate(dev, srv.uri("vol"), state)
+            again = replicate_once(dev, srv.uri("vol"), state)
             assert again.returncode == 0, again.stderr
             # The option left in place is pointed out: it would let another device in.
-            kept = _replicate(dev, srv.uri("vol"), state, "--device-replaced")
+            kept = replicate_once(dev, srv.uri("vol"), state, "--device-replaced")
             assert kept.returncode == 0 and "leave the option out" in kept.stderr
         finally:
             stop_tracker(dev)
@@ -139,11 +118,11 @@ def test_another_device_under_the_same_name_is_refused_until_declared_a_replacem
 
 @pytest.mark.root
 def test_the_same_device_under_another_name_carries_on(tmp_path: Path) -> None:
-    a = _random_image(tmp_path / "a.img")
+    a = random_image(tmp_path / "a.img", SIZE)
     state = tmp_path / "state"
     with server(tmp_path, "vol", SIZE) as srv, loop_device(a) as first_name:
         try:
-            assert _replicate(first_name, srv.uri("vol"), state).returncode == 0
+            assert replicate_once(first_name, srv.uri("vol"), state).returncode == 0
         finally:
             stop_tracker(first_name)
         # The same image under another name (as a stable /dev/disk/by-id/... name may point
@@ -157,9 +136,9 @@ def test_the_same_device_under_another_name_carries_on(tmp_path: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                done = _replicate(second, srv.uri("vol"), state)
+                done = replicate_once(second, srv.uri("vol"), state)
                 assert done.returncode == 0, done.stderr
-                assert _version_bytes(srv, 2, tmp_path) == a.read_bytes()
+                assert export_bytes(srv, "vol@2", tmp_path) == a.read_bytes()
                 saved = StateDir(state).load()
                 assert saved is not None and saved.device == second
             finally:
@@ -168,16 +147,16 @@ def test_the_same_device_under_another_name_carries_on(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_a_state_from_before_identities_adopts_the_device(tmp_path: Path) -> None:
-    a = _random_image(tmp_path / "a.img")
+    a = random_image(tmp_path / "a.img", SIZE)
     state = tmp_path / "state"
     with server(tmp_path, "vol", SIZE) as srv, loop_device(a) as dev:
         try:
-            assert _replicate(dev, srv.uri("vol"), state).returncode == 0
+            assert replicate_once(dev, srv.uri("vol"), state).returncode == 0
             path = state / "state.json"
             data = json.loads(path.read_text())
             del data["device_id"]
             path.write_text(json.dumps(data))
-            assert _replicate(dev, srv.uri("vol"), state).returncode == 0
+            assert replicate_once(dev, srv.uri("vol"), state).returncode == 0
             saved = StateDir(state).load()
             assert saved is not None and saved.device_id == device_identity(dev)
         finally:
