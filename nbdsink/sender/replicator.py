@@ -210,8 +210,8 @@ class Replicator:
                     "devices in every version: give each device its own volume. If this one "
                     "takes the volume over on purpose (the device moved to another host, "
                     "say), run once with --take-over")
-            log.warning("taking volume %s over from replication %s (--take-over)",
-                        remote.volume, owner)
+            log.warning("taking volume %s over from replication %s (%s)", remote.volume, owner,
+                        "--take-over" if self.options.take_over else "--device-replaced")
         self._latest_owner = owner
         remote.replication = self.replication
 
