@@ -120,8 +120,8 @@ class Source:
         raise NotImplementedError
 
     async def recorded_digests(self, first: int, count: int) -> bytes:
-        """Like :meth:`digests`, where the source can tell them without reading the blocks'
-        data (a local store's map records them)."""
+        """Like :meth:`digests` for whole blocks, where the source can tell them without
+        reading the blocks' data (a local store's map records them)."""
         return await self.digests(first, count)
 
     async def read_into(self, buf: memoryview, offset: int) -> None:
@@ -526,15 +526,17 @@ async def check_assumption(source: Source, dest: Destination, assume: str,
     device), the result would be a mix of both, with no error. A few reads catch another
     device, or a device written all over; they cannot catch a few untracked blocks."""
     bs = source.block_size
-    blocks = -(-source.size // bs)
+    # Whole blocks only: a local store's map records a short last block's digest as of the
+    # block padded with zeros, not of just its bytes as the destination reads them.
+    blocks = source.size // bs
     skip = set(planned)
-    for i in range(SPOT_CHECKS):
+    for i in range(SPOT_CHECKS if blocks else 0):
         first = min(i * blocks // SPOT_CHECKS, max(0, blocks - SPOT_BLOCKS))
         count = min(SPOT_BLOCKS, blocks - first)
         if all(b in skip for b in range(first, first + count)):
             continue
         theirs = await source.recorded_digests(first, count)
-        length = min(count * bs, source.size - first * bs)
+        length = count * bs
         differ = [b for b in await source.blocking(_differing, dest, first, length, bs, theirs)
                   if b not in skip]
         if differ:
