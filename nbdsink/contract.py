@@ -20,6 +20,10 @@ DIGESTS_VIEW = "digests"
 """The export-name flag that selects the digests of a version instead of its data."""
 DIGEST_SIZE = 32
 DAMAGED = b"\xff" * DIGEST_SIZE
+REPLICATION_LABEL = "replication"
+"""The label a sender puts on each commit (its replication's ID, sender/ownership.py); a
+version's description ends with ``, replication ID`` when it has one, and a clone's first
+version drops it."""
 
 
 def digests_export(volume: str, selector: str | int | None = None) -> str:

@@ -22,8 +22,9 @@ import socket
 
 import blake3
 
-LABEL = "replication"
-_COMMITTED_BY = re.compile(r", replication ([0-9a-f]+)")
+from nbdsink.contract import REPLICATION_LABEL
+
+_COMMITTED_BY = re.compile(rf", {REPLICATION_LABEL} ([0-9a-f]+)")
 
 
 def replication_id(device: str, identity: str | None) -> str:

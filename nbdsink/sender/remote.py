@@ -20,10 +20,9 @@ import blake3
 import trio
 
 from nbdsink import nbd
-from nbdsink.contract import DIGEST_SIZE, digests_export
+from nbdsink.contract import DIGEST_SIZE, REPLICATION_LABEL, digests_export
 from nbdsink.nbd import Connection, NBDOptionError, TLSConfig
 from nbdsink.sender.errors import VolumeMismatch
-from nbdsink.sender.ownership import LABEL
 from nbdsink.sender.plan import Extent
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ class NbdRemote:
         (nothing had changed: the newest version stays what it was)."""
         before = await self.latest_version()
         if self.replication is not None:
-            labels = {**labels, LABEL: self.replication}
+            labels = {**labels, REPLICATION_LABEL: self.replication}
         name = head_name(self.volume, consistency, labels)
         async with nbd.connect(with_export(self.uri, name), self.tls,
                                timeout=self.timeout) as committer:

@@ -38,7 +38,12 @@ from nbdsink.sender.groups import open_nursery
 from nbdsink.sender.identity import device_identity
 from nbdsink.sender.ownership import committed_by, replication_id
 from nbdsink.sender.ratelimit import RateLimiter
-from nbdsink.sender.remote import NbdRemote, open_remote, volume_of
+from nbdsink.sender.remote import (
+    NbdRemote,
+    open_remote,
+    version_from_description,
+    volume_of,
+)
 from nbdsink.sender.state import CycleRecord, SenderState, StateDir
 from nbdsink.sender.transfer import Transfer, TransferConfig
 from nbdsink.sender.units import format_duration, format_size
@@ -111,8 +116,6 @@ class Replicator:
         self.tracker_now: Tracker | None = None
         self.replication: str | None = None
         """This replication's ID (host and device, sender/ownership.py), set per session."""
-        self._latest_owner: str | None = None
-        """Which replication committed the volume's newest version (None: not known)."""
 
     # -- start-up checks ----------------------------------------------------------------
 
@@ -196,11 +199,13 @@ class Replicator:
             state.synced = False
         state.device_id = identity
 
-    async def _check_owner(self, remote: NbdRemote) -> None:
+    async def _check_owner(self, remote: NbdRemote) -> str | None:
         """Refuse a volume whose newest version another replication committed (unless told
-        to take it over); label this replication's commits."""
+        to take it over); label this replication's commits. Returns how the server describes
+        the newest version (None: there is none yet)."""
         assert self.replication is not None
-        owner = committed_by(await remote.latest_description())
+        newest = await remote.latest_description()
+        owner = committed_by(newest)
         if owner is not None and owner != self.replication:
             if not (self.options.take_over or self.options.device_replaced):
                 raise VolumeInUse(
@@ -212,11 +217,13 @@ class Replicator:
                     "say), run once with --take-over")
             log.warning("taking volume %s over from replication %s (%s)", remote.volume, owner,
                         "--take-over" if self.options.take_over else "--device-replaced")
-        self._latest_owner = owner
         remote.replication = self.replication
+        return newest
 
-    async def _tracker(self, remote: NbdRemote, state: SenderState) -> tuple[Tracker, bool]:
-        """Attach to (or start) the device's tracker; True if a full sync is needed."""
+    async def _tracker(self, remote: NbdRemote, state: SenderState,
+                       newest: str | None) -> tuple[Tracker, bool]:
+        """Attach to (or start) the device's tracker; True if a full sync is needed.
+        ``newest``: how the server describes the volume's newest version."""
         device, cs = self.options.device, state.chunk_size
         backend = self.options.tracker or state.tracker
         consumer = self.consumer
@@ -239,7 +246,7 @@ class Replicator:
                 log.info("joined the tracking of %s that another replication uses: "
                          "resynchronising by comparison", device)
                 return tracker, True
-            latest = await remote.latest_version()
+            latest = version_from_description(newest)
             if state.synced and (latest or 0) < (state.last_version or 0):
                 log.warning(
                     "the remote volume's newest version is %s but version %s was acknowledged "
@@ -249,7 +256,7 @@ class Replicator:
                 return tracker, True
             if (state.synced and state.last_version is not None
                     and (latest or 0) > state.last_version
-                    and self._latest_owner != self.replication):
+                    and committed_by(newest) != self.replication):
                 # Another writer committed versions (nbdcopy, a client on the head, a
                 # replication taken over): the head holds what it wrote where this device's
                 # tracker saw nothing. Only sending the tracked chunks would keep that.
@@ -306,8 +313,8 @@ class Replicator:
                 state = await trio.to_thread.run_sync(
                     self._state_for, device, remote, backend)
                 state.tracker = backend
-                await self._check_owner(remote)
-                tracker, full = await self._tracker(remote, state)
+                newest = await self._check_owner(remote)
+                tracker, full = await self._tracker(remote, state, newest)
                 self.tracker_now = tracker
                 try:
                     async with open_nursery() as nursery:

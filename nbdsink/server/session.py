@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from nbdsink.contract import CONTRACT_VERSION, DIGEST_SIZE, DIGESTS_VIEW
+from nbdsink.contract import CONTRACT_VERSION, DIGEST_SIZE, DIGESTS_VIEW, REPLICATION_LABEL
 from nbdsink.errors import NbdsinkError
 from nbdsink.server.digests import read_head_digests, read_version_digests
 from nbdsink.server.exports import SCRATCH_VIEW, ExportName, parse_export_name
@@ -138,10 +138,10 @@ def _head_description(volume: VolumeInfo, pending: int) -> str:
 def _version_description(v: VersionInfo) -> str:
     # The replication that committed it (a sender's label): a sender refuses to replicate
     # into a volume whose newest version another replication committed.
-    by = v.labels.get("replication")
+    by = v.labels.get(REPLICATION_LABEL)
     return (f"version {v.version} of {v.volume}, committed {v.time}, consistency "
             f"{v.consistency}, {v.blocks_changed} blocks changed, {v.bytes_stored} bytes stored"
-            + (f", replication {by}" if by and by.isalnum() else ""))
+            + (f", {REPLICATION_LABEL} {by}" if by and by.isalnum() else ""))
 
 
 class Session:

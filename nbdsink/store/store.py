@@ -68,6 +68,7 @@ from typing import Any, TypeVar, cast
 import lmdb
 import xxhash
 
+from nbdsink.contract import REPLICATION_LABEL
 from nbdsink.store import keys
 from nbdsink.store.chunks import DIGEST_SIZE, HEADER_SIZE, check_header, whole_header
 from nbdsink.store.errors import (
@@ -777,7 +778,7 @@ class Store:
                       # No replication committed the clone's version 1: whichever first
                       # replicates into the clone owns it (see sender/ownership.py).
                       "labels": {**{k: v for k, v in base_info.labels.items()
-                                    if k != "replication"},
+                                    if k != REPLICATION_LABEL},
                                  "clone_of": f"{source.name}@{version}"}}
             txn.put(keys.version_key(vid, 1), json.dumps(record).encode(), db=self._versions)
             txn.put(b"last_version:" + _u32(vid), b"1", db=self._meta)
